@@ -1,0 +1,617 @@
+#include "gd-kernels.h"
+
+#include <cblas.h>
+#include <glib.h>
+#include <math.h>
+#include <string.h>
+
+/* ---- convolution ---- */
+
+static int
+conv_out_size (int size, int k, int stride, int pad)
+{
+  return (size + 2 * pad - k) / stride + 1;
+}
+
+static gboolean
+conv_is_pointwise (int k, int stride, int pad)
+{
+  return k == 1 && stride == 1 && pad == 0;
+}
+
+size_t
+gd_conv2d_work_size (int cin, int h, int w, int k, int stride, int pad)
+{
+  if (conv_is_pointwise (k, stride, pad))
+    return 0;
+  size_t rows = (size_t) cin * k * k;
+  size_t cols = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  return 2 * rows * cols;  /* the column matrix and its gradient */
+}
+
+/* col[(ci, ky, kx), (oy, ox)] = x[ci, oy * stride + ky - pad, ox * stride + kx - pad] or 0. */
+static void
+im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float *col)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  for (int ci = 0; ci < cin; ci++)
+    for (int ky = 0; ky < k; ky++)
+      for (int kx = 0; kx < k; kx++)
+        {
+          float *row = col + (((size_t) ci * k + ky) * k + kx) * ho * wo;
+          for (int oy = 0; oy < ho; oy++)
+            {
+              int iy = oy * stride + ky - pad;
+              float *dst = row + (size_t) oy * wo;
+              if (iy < 0 || iy >= h)
+                {
+                  memset (dst, 0, sizeof (float) * wo);
+                  continue;
+                }
+              const float *src = x + ((size_t) ci * h + iy) * w;
+              for (int ox = 0; ox < wo; ox++)
+                {
+                  int ix = ox * stride + kx - pad;
+                  dst[ox] = (ix >= 0 && ix < w) ? src[ix] : 0.0f;
+                }
+            }
+        }
+}
+
+/* The adjoint of im2col: dx[ci, iy, ix] = sum of the col entries that read it. */
+static void
+col2im (const float *col, int cin, int h, int w, int k, int stride, int pad, float *dx)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  memset (dx, 0, sizeof (float) * (size_t) cin * h * w);
+  for (int ci = 0; ci < cin; ci++)
+    for (int ky = 0; ky < k; ky++)
+      for (int kx = 0; kx < k; kx++)
+        {
+          const float *row = col + (((size_t) ci * k + ky) * k + kx) * ho * wo;
+          for (int oy = 0; oy < ho; oy++)
+            {
+              int iy = oy * stride + ky - pad;
+              if (iy < 0 || iy >= h)
+                continue;
+              float *dst = dx + ((size_t) ci * h + iy) * w;
+              const float *src = row + (size_t) oy * wo;
+              for (int ox = 0; ox < wo; ox++)
+                {
+                  int ix = ox * stride + kx - pad;
+                  if (ix >= 0 && ix < w)
+                    dst[ix] += src[ox];
+                }
+            }
+        }
+}
+
+void
+gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
+                   const float *weight, const float *bias, int cout,
+                   int k, int stride, int pad, float *y, float *work)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  int spatial = ho * wo, depth = cin * k * k;
+  for (int i = 0; i < n; i++)
+    {
+      const float *xi = x + (size_t) i * cin * h * w;
+      float *yi = y + (size_t) i * cout * spatial;
+      const float *col = xi;
+      if (!conv_is_pointwise (k, stride, pad))
+        {
+          im2col (xi, cin, h, w, k, stride, pad, work);
+          col = work;
+        }
+      float beta = 0.0f;
+      if (bias)
+        {
+          for (int co = 0; co < cout; co++)
+            for (int s = 0; s < spatial; s++)
+              yi[(size_t) co * spatial + s] = bias[co];
+          beta = 1.0f;
+        }
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, cout, spatial, depth,
+                   1.0f, weight, depth, col, spatial, beta, yi, spatial);
+    }
+}
+
+void
+gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
+                    const float *weight, int cout, int k, int stride, int pad,
+                    const float *dy, float *dx, float *dweight, float *dbias, float *work)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  int spatial = ho * wo, depth = cin * k * k;
+  gboolean pointwise = conv_is_pointwise (k, stride, pad);
+  float *col = work, *dcol = work ? work + (size_t) depth * spatial : NULL;
+  for (int i = 0; i < n; i++)
+    {
+      const float *xi = x + (size_t) i * cin * h * w;
+      const float *dyi = dy + (size_t) i * cout * spatial;
+      if (dbias)
+        for (int co = 0; co < cout; co++)
+          {
+            double sum = 0.0;
+            for (int s = 0; s < spatial; s++)
+              sum += dyi[(size_t) co * spatial + s];
+            dbias[co] += (float) sum;
+          }
+      if (dweight)
+        {
+          const float *coli = xi;
+          if (!pointwise)
+            {
+              im2col (xi, cin, h, w, k, stride, pad, col);
+              coli = col;
+            }
+          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, cout, depth, spatial,
+                       1.0f, dyi, spatial, coli, spatial, 1.0f, dweight, depth);
+        }
+      if (dx)
+        {
+          float *dxi = dx + (size_t) i * cin * h * w;
+          float *target = pointwise ? dxi : dcol;
+          cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, depth, spatial, cout,
+                       1.0f, weight, depth, dyi, spatial, 0.0f, target, spatial);
+          if (!pointwise)
+            col2im (dcol, cin, h, w, k, stride, pad, dxi);
+        }
+    }
+}
+
+/* ---- linear ---- */
+
+void
+gd_linear_forward (const float *x, int n, int in, const float *weight, const float *bias,
+                   int out, float *y)
+{
+  float beta = 0.0f;
+  if (bias)
+    {
+      for (int i = 0; i < n; i++)
+        memcpy (y + (size_t) i * out, bias, sizeof (float) * out);
+      beta = 1.0f;
+    }
+  cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in,
+               1.0f, x, in, weight, in, beta, y, out);
+}
+
+void
+gd_linear_backward (const float *x, int n, int in, const float *weight, int out,
+                    const float *dy, float *dx, float *dweight, float *dbias)
+{
+  if (dx)
+    cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out,
+                 1.0f, dy, out, weight, in, 0.0f, dx, in);
+  if (dweight)
+    cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n,
+                 1.0f, dy, out, x, in, 1.0f, dweight, in);
+  if (dbias)
+    for (int o = 0; o < out; o++)
+      {
+        double sum = 0.0;
+        for (int i = 0; i < n; i++)
+          sum += dy[(size_t) i * out + o];
+        dbias[o] += (float) sum;
+      }
+}
+
+/* ---- group normalisation ---- */
+
+void
+gd_group_norm_forward (const float *x, int n, int c, int hw, int groups,
+                       const float *gamma, const float *beta,
+                       float *y, float *mean, float *rstd)
+{
+  int cg = c / groups;
+  size_t count = (size_t) cg * hw;
+  for (int i = 0; i < n; i++)
+    for (int g = 0; g < groups; g++)
+      {
+        const float *xg = x + ((size_t) i * c + (size_t) g * cg) * hw;
+        float *yg = y + ((size_t) i * c + (size_t) g * cg) * hw;
+        double sum = 0.0;
+        for (size_t j = 0; j < count; j++)
+          sum += xg[j];
+        double mu = sum / (double) count;
+        double var = 0.0;
+        for (size_t j = 0; j < count; j++)
+          {
+            double d = xg[j] - mu;
+            var += d * d;
+          }
+        var /= (double) count;
+        double r = 1.0 / sqrt (var + GD_GROUP_NORM_EPS);
+        mean[i * groups + g] = (float) mu;
+        rstd[i * groups + g] = (float) r;
+        for (int cc = 0; cc < cg; cc++)
+          {
+            int ch = g * cg + cc;
+            float scale = (float) r * gamma[ch];
+            float offset = beta[ch] - (float) mu * scale;
+            const float *xc = xg + (size_t) cc * hw;
+            float *yc = yg + (size_t) cc * hw;
+            for (int s = 0; s < hw; s++)
+              yc[s] = xc[s] * scale + offset;
+          }
+      }
+}
+
+void
+gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
+                        const float *gamma, const float *mean, const float *rstd,
+                        const float *dy, float *dx, float *dgamma, float *dbeta)
+{
+  int cg = c / groups;
+  size_t count = (size_t) cg * hw;
+  for (int i = 0; i < n; i++)
+    for (int g = 0; g < groups; g++)
+      {
+        size_t base = ((size_t) i * c + (size_t) g * cg) * hw;
+        double mu = mean[i * groups + g], r = rstd[i * groups + g];
+        /* With xhat = (x - mu) r and g = dy * gamma:
+         * dx = r (g - mean(g) - xhat mean(g xhat)). */
+        double sum_g = 0.0, sum_g_xhat = 0.0;
+        for (int cc = 0; cc < cg; cc++)
+          {
+            int ch = g * cg + cc;
+            const float *xc = x + base + (size_t) cc * hw, *dyc = dy + base + (size_t) cc * hw;
+            double dgamma_c = 0.0, dbeta_c = 0.0;
+            for (int s = 0; s < hw; s++)
+              {
+                double xhat = (xc[s] - mu) * r;
+                dgamma_c += dyc[s] * xhat;
+                dbeta_c += dyc[s];
+              }
+            sum_g += dbeta_c * gamma[ch];
+            sum_g_xhat += dgamma_c * gamma[ch];
+            if (dgamma)
+              dgamma[ch] += (float) dgamma_c;
+            if (dbeta)
+              dbeta[ch] += (float) dbeta_c;
+          }
+        if (!dx)
+          continue;
+        double mean_g = sum_g / (double) count, mean_g_xhat = sum_g_xhat / (double) count;
+        for (int cc = 0; cc < cg; cc++)
+          {
+            int ch = g * cg + cc;
+            const float *xc = x + base + (size_t) cc * hw, *dyc = dy + base + (size_t) cc * hw;
+            float *dxc = dx + base + (size_t) cc * hw;
+            for (int s = 0; s < hw; s++)
+              {
+                double xhat = (xc[s] - mu) * r;
+                dxc[s] = (float) (r * (dyc[s] * gamma[ch] - mean_g - xhat * mean_g_xhat));
+              }
+          }
+      }
+}
+
+/* ---- timestep-embedding modulation ---- */
+
+void
+gd_scale_shift_forward (const float *x, int n, int c, int hw, const float *ss, float *y)
+{
+  for (int i = 0; i < n; i++)
+    for (int ch = 0; ch < c; ch++)
+      {
+        float scale = 1.0f + ss[(size_t) i * 2 * c + ch], shift = ss[(size_t) i * 2 * c + c + ch];
+        const float *xc = x + ((size_t) i * c + ch) * hw;
+        float *yc = y + ((size_t) i * c + ch) * hw;
+        for (int s = 0; s < hw; s++)
+          yc[s] = xc[s] * scale + shift;
+      }
+}
+
+void
+gd_scale_shift_backward (const float *x, int n, int c, int hw, const float *ss,
+                         const float *dy, float *dx, float *dss)
+{
+  for (int i = 0; i < n; i++)
+    for (int ch = 0; ch < c; ch++)
+      {
+        float scale = 1.0f + ss[(size_t) i * 2 * c + ch];
+        const float *xc = x + ((size_t) i * c + ch) * hw;
+        const float *dyc = dy + ((size_t) i * c + ch) * hw;
+        double dscale = 0.0, dshift = 0.0;
+        for (int s = 0; s < hw; s++)
+          {
+            dscale += (double) dyc[s] * xc[s];
+            dshift += dyc[s];
+          }
+        if (dx)
+          {
+            float *dxc = dx + ((size_t) i * c + ch) * hw;
+            for (int s = 0; s < hw; s++)
+              dxc[s] = dyc[s] * scale;
+          }
+        if (dss)
+          {
+            dss[(size_t) i * 2 * c + ch] += (float) dscale;
+            dss[(size_t) i * 2 * c + c + ch] += (float) dshift;
+          }
+      }
+}
+
+void
+gd_add_channel_bias_forward (const float *x, int n, int c, int hw, const float *b, float *y)
+{
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    for (int s = 0; s < hw; s++)
+      y[ic * hw + s] = x[ic * hw + s] + b[ic];
+}
+
+void
+gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, float *db)
+{
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    {
+      double sum = 0.0;
+      for (int s = 0; s < hw; s++)
+        sum += dy[ic * hw + s];
+      if (db)
+        db[ic] += (float) sum;
+    }
+  if (dx && dx != dy)
+    memcpy (dx, dy, sizeof (float) * (size_t) n * c * hw);
+}
+
+/* ---- SiLU ---- */
+
+void
+gd_silu_forward (const float *x, size_t count, float *y)
+{
+  for (size_t i = 0; i < count; i++)
+    y[i] = x[i] / (1.0f + expf (-x[i]));
+}
+
+void
+gd_silu_backward (const float *x, size_t count, const float *dy, float *dx)
+{
+  for (size_t i = 0; i < count; i++)
+    {
+      float s = 1.0f / (1.0f + expf (-x[i]));
+      dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+}
+
+/* ---- resampling ---- */
+
+void
+gd_avg_pool2_forward (const float *x, int n, int c, int h, int w, float *y)
+{
+  int ho = h / 2, wo = w / 2;
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    {
+      const float *xc = x + ic * h * w;
+      float *yc = y + ic * ho * wo;
+      for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < wo; ox++)
+          {
+            const float *p = xc + (size_t) 2 * oy * w + 2 * ox;
+            yc[oy * wo + ox] = (p[0] + p[1] + p[w] + p[w + 1]) * 0.25f;
+          }
+    }
+}
+
+void
+gd_avg_pool2_backward (int n, int c, int h, int w, const float *dy, float *dx)
+{
+  int ho = h / 2, wo = w / 2;
+  memset (dx, 0, sizeof (float) * (size_t) n * c * h * w);
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    {
+      const float *dyc = dy + ic * ho * wo;
+      float *dxc = dx + ic * h * w;
+      for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < wo; ox++)
+          {
+            float g = dyc[oy * wo + ox] * 0.25f;
+            float *p = dxc + (size_t) 2 * oy * w + 2 * ox;
+            p[0] = g;
+            p[1] = g;
+            p[w] = g;
+            p[w + 1] = g;
+          }
+    }
+}
+
+void
+gd_upsample2_forward (const float *x, int n, int c, int h, int w, float *y)
+{
+  int wo = 2 * w;
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    {
+      const float *xc = x + ic * h * w;
+      float *yc = y + ic * 4 * h * w;
+      for (int iy = 0; iy < h; iy++)
+        {
+          float *row = yc + (size_t) 2 * iy * wo;
+          for (int ix = 0; ix < w; ix++)
+            row[2 * ix] = row[2 * ix + 1] = xc[iy * w + ix];
+          memcpy (row + wo, row, sizeof (float) * wo);
+        }
+    }
+}
+
+void
+gd_upsample2_backward (int n, int c, int h, int w, const float *dy, float *dx)
+{
+  int wo = 2 * w;
+  for (size_t ic = 0; ic < (size_t) n * c; ic++)
+    {
+      const float *dyc = dy + ic * 4 * h * w;
+      float *dxc = dx + ic * h * w;
+      for (int iy = 0; iy < h; iy++)
+        for (int ix = 0; ix < w; ix++)
+          {
+            const float *p = dyc + (size_t) 2 * iy * wo + 2 * ix;
+            dxc[iy * w + ix] = p[0] + p[1] + p[wo] + p[wo + 1];
+          }
+    }
+}
+
+/* ---- attention ---- */
+
+/* Where head `head` of batch item `b` keeps its q, k and v rows (each ch x L). */
+static void
+qkv_rows (int heads, int ch, int L, int legacy, int head,
+          size_t *q_offset, size_t *k_offset, size_t *v_offset)
+{
+  size_t width = (size_t) heads * ch;
+  if (legacy)
+    {
+      size_t start = (size_t) head * 3 * ch;
+      *q_offset = start * L;
+      *k_offset = (start + ch) * L;
+      *v_offset = (start + 2 * (size_t) ch) * L;
+    }
+  else
+    {
+      *q_offset = (size_t) head * ch * L;
+      *k_offset = (width + (size_t) head * ch) * L;
+      *v_offset = (2 * width + (size_t) head * ch) * L;
+    }
+}
+
+static void
+softmax_rows (float *p, int rows, int cols)
+{
+  for (int r = 0; r < rows; r++)
+    {
+      float *row = p + (size_t) r * cols;
+      float max = row[0];
+      for (int j = 1; j < cols; j++)
+        max = MAX (max, row[j]);
+      double sum = 0.0;
+      for (int j = 0; j < cols; j++)
+        {
+          row[j] = expf (row[j] - max);
+          sum += row[j];
+        }
+      float inv = (float) (1.0 / sum);
+      for (int j = 0; j < cols; j++)
+        row[j] *= inv;
+    }
+}
+
+void
+gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int legacy,
+                      float *out, float *probs)
+{
+  size_t width = (size_t) heads * ch;
+  float scale2 = (float) (1.0 / sqrt ((double) ch));
+  for (int b = 0; b < n; b++)
+    for (int hd = 0; hd < heads; hd++)
+      {
+        const float *base = qkv + (size_t) b * 3 * width * L;
+        size_t qo, ko, vo;
+        qkv_rows (heads, ch, L, legacy, hd, &qo, &ko, &vo);
+        float *p = probs + ((size_t) b * heads + hd) * L * L;
+        /* S[t, s] = sum_c q[c, t] k[c, s] / sqrt(ch) */
+        cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, L, L, ch,
+                     scale2, base + qo, L, base + ko, L, 0.0f, p, L);
+        softmax_rows (p, L, L);
+        /* a[c, t] = sum_s v[c, s] P[t, s] */
+        float *a = out + ((size_t) b * width + (size_t) hd * ch) * L;
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, ch, L, L,
+                     1.0f, base + vo, L, p, L, 0.0f, a, L);
+      }
+}
+
+void
+gd_attention_backward (const float *qkv, int n, int heads, int ch, int L, int legacy,
+                       const float *probs, const float *dout, float *dqkv)
+{
+  size_t width = (size_t) heads * ch;
+  float scale2 = (float) (1.0 / sqrt ((double) ch));
+  float *dscore = g_new (float, (size_t) L * L);
+  for (int b = 0; b < n; b++)
+    for (int hd = 0; hd < heads; hd++)
+      {
+        const float *base = qkv + (size_t) b * 3 * width * L;
+        float *dbase = dqkv + (size_t) b * 3 * width * L;
+        size_t qo, ko, vo;
+        qkv_rows (heads, ch, L, legacy, hd, &qo, &ko, &vo);
+        const float *p = probs + ((size_t) b * heads + hd) * L * L;
+        const float *da = dout + ((size_t) b * width + (size_t) hd * ch) * L;
+        /* dV = dA P */
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, L, L,
+                     1.0f, da, L, p, L, 0.0f, dbase + vo, L);
+        /* dP = dA^T V, then the softmax backward dS = P (dP - rowsum(P dP)) */
+        cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, L, L, ch,
+                     1.0f, da, L, base + vo, L, 0.0f, dscore, L);
+        for (int t = 0; t < L; t++)
+          {
+            const float *pr = p + (size_t) t * L;
+            float *dr = dscore + (size_t) t * L;
+            double dot = 0.0;
+            for (int s = 0; s < L; s++)
+              dot += (double) pr[s] * dr[s];
+            for (int s = 0; s < L; s++)
+              dr[s] = pr[s] * (dr[s] - (float) dot);
+          }
+        /* dQ = K dS^T / sqrt(ch), dK = Q dS / sqrt(ch) */
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, ch, L, L,
+                     scale2, base + ko, L, dscore, L, 0.0f, dbase + qo, L);
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, L, L,
+                     scale2, base + qo, L, dscore, L, 0.0f, dbase + ko, L);
+      }
+  g_free (dscore);
+}
+
+/* ---- embeddings and heads ---- */
+
+void
+gd_timestep_embedding (const int64_t *t, int n, int dim, float *out)
+{
+  int half = dim / 2;
+  const float neg_log_period = (float) -log (10000.0);
+  for (int i = 0; i < n; i++)
+    {
+      float *row = out + (size_t) i * dim;
+      for (int j = 0; j < half; j++)
+        {
+          float freq = expf (neg_log_period * (float) j / (float) half);
+          float arg = (float) t[i] * freq;
+          row[j] = cosf (arg);
+          row[half + j] = sinf (arg);
+        }
+      if (dim % 2)
+        row[dim - 1] = 0.0f;
+    }
+}
+
+void
+gd_log_softmax (const float *x, int n, int k, float *y)
+{
+  for (int i = 0; i < n; i++)
+    {
+      const float *xr = x + (size_t) i * k;
+      float *yr = y + (size_t) i * k;
+      double max = xr[0];
+      for (int j = 1; j < k; j++)
+        max = MAX (max, xr[j]);
+      double sum = 0.0;
+      for (int j = 0; j < k; j++)
+        sum += exp (xr[j] - max);
+      double lse = max + log (sum);
+      for (int j = 0; j < k; j++)
+        yr[j] = (float) (xr[j] - lse);
+    }
+}
+
+void
+gd_add (const float *a, const float *b, size_t count, float *y)
+{
+  for (size_t i = 0; i < count; i++)
+    y[i] = a[i] + b[i];
+}
+
+void
+gd_accumulate (float *y, const float *x, size_t count)
+{
+  for (size_t i = 0; i < count; i++)
+    y[i] += x[i];
+}

@@ -1,0 +1,92 @@
+/* The networks of guided diffusion: the ADM U-Net (UNetModel) and the noisy classifier
+ * (EncoderUNetModel), built from the reference's constructor arguments, with parameters
+ * named as in its PyTorch state_dict. */
+#pragma once
+#include <glib.h>
+#include <stdint.h>
+
+G_BEGIN_DECLS
+
+typedef enum { GD_MODEL_UNET, GD_MODEL_CLASSIFIER } GdModelKind;
+typedef enum { GD_POOL_ADAPTIVE, GD_POOL_ATTENTION } GdPool;
+
+#define GD_MAX_LEVELS 8
+#define GD_MAX_ATTENTION_RESOLUTIONS 8
+
+typedef struct {
+  GdModelKind kind;
+  int image_size;
+  int in_channels;
+  int model_channels;
+  int out_channels;
+  int num_res_blocks;
+  int attention_resolutions[GD_MAX_ATTENTION_RESOLUTIONS]; /* downsample rates ds */
+  int n_attention_resolutions;
+  double channel_mult[GD_MAX_LEVELS];
+  int n_levels;
+  double dropout;
+  gboolean conv_resample;
+  int num_classes;                  /* 0: unconditional */
+  int num_heads;
+  int num_head_channels;            /* -1: use num_heads */
+  int num_heads_upsample;           /* -1: same as num_heads */
+  gboolean use_scale_shift_norm;
+  gboolean resblock_updown;
+  gboolean use_new_attention_order;
+  GdPool pool;                      /* classifier head */
+} GdModelConfig;
+
+/* Fills cfg with the reference constructor's defaults for `kind`. */
+void gd_model_config_init (GdModelConfig *cfg, GdModelKind kind);
+/* Parses a JSON object of constructor arguments on top of the defaults.  `origin`
+ * (a file name) starts every error message. */
+gboolean gd_model_config_parse (GdModelConfig *cfg, const char *json, const char *origin,
+                                GError **error);
+/* The constructor arguments as a JSON object (the `config` metadata value). */
+char *gd_model_config_to_json (const GdModelConfig *cfg);
+
+typedef struct {
+  char *name;           /* state_dict key */
+  int ndim;
+  int64_t shape[4];
+  size_t numel;
+  float *data;          /* NULL until loaded or initialised */
+  float *grad;          /* NULL unless parameter gradients are wanted */
+  gboolean owns_data;
+} GdParam;
+
+typedef struct GdModel GdModel;
+
+/* Builds the architecture (parameters without values). origin names the source in errors. */
+GdModel *gd_model_new (const GdModelConfig *cfg, const char *origin, GError **error);
+/* Loads a self-describing safetensors file: architecture from __metadata__ (kind, config),
+ * weights memory-mapped (copied only when stored as another dtype or unaligned). */
+GdModel *gd_model_load (const char *path, GError **error);
+void gd_model_free (GdModel *model);
+
+const GdModelConfig *gd_model_get_config (const GdModel *model);
+const char *gd_model_get_origin (const GdModel *model);
+guint gd_model_n_params (const GdModel *model);
+GdParam *gd_model_param (GdModel *model, guint i);
+GdParam *gd_model_find_param (GdModel *model, const char *name);
+size_t gd_model_parameter_count (const GdModel *model);
+/* Value of a __metadata__ key of the file the model came from, or NULL. */
+const char *gd_model_get_metadata (const GdModel *model, const char *key);
+
+/* Checks that an input of n x c x h x w (and labels y when given) fits the model. */
+gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,
+                               const int64_t *y, GError **error);
+
+/* Forward pass. x: [n, in_channels, h, w]; t: [n] timesteps as the network receives them;
+ * y: [n] class labels (class-conditional U-Nets only, else NULL).
+ * out: [n, out_channels, h, w] for a U-Net, [n, out_channels] logits for a classifier. */
+gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
+                           const int64_t *t, const int64_t *y, float *out, GError **error);
+
+/* Classifier guidance gradient: grad = d/dx sum_i log_softmax(classifier(x_i, t_i))[y_i],
+ * by a backward pass through every layer.  logits ([n, classes]) may be NULL. */
+gboolean gd_classifier_gradient (GdModel *model, const float *x, int n, int h, int w,
+                                 const int64_t *t, const int64_t *y,
+                                 float *logits, float *grad, GError **error);
+
+G_END_DECLS

@@ -1,0 +1,44 @@
+/* guided: the command line of the guided-diffusion engine. */
+#include "guided.h"
+
+#include <glib.h>
+#include <stdio.h>
+#include <string.h>
+
+static const struct {
+  const char *name;
+  int (*main) (int argc, char **argv);
+  const char *summary;
+} commands[] = {
+  { "forward", guided_forward_main, "run a model on the tensors of a safetensors file" },
+};
+
+static void
+usage (FILE *out)
+{
+  fprintf (out, "usage: guided COMMAND [ARGS...]\n\ncommands:\n");
+  for (guint i = 0; i < G_N_ELEMENTS (commands); i++)
+    fprintf (out, "  %-10s %s\n", commands[i].name, commands[i].summary);
+  fprintf (out, "\n'guided COMMAND --help' describes each command.\n");
+}
+
+int
+main (int argc, char **argv)
+{
+  if (argc < 2)
+    {
+      usage (stderr);
+      return 2;
+    }
+  if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0 || strcmp (argv[1], "help") == 0)
+    {
+      usage (stdout);
+      return 0;
+    }
+  for (guint i = 0; i < G_N_ELEMENTS (commands); i++)
+    if (strcmp (argv[1], commands[i].name) == 0)
+      return commands[i].main (argc - 1, argv + 1);
+  fprintf (stderr, "guided: unknown command '%s'\n", argv[1]);
+  usage (stderr);
+  return 2;
+}

@@ -1,0 +1,4 @@
+/* Subcommands of the `guided` command line. Each returns the process exit status. */
+#pragma once
+
+int guided_forward_main (int argc, char **argv);
