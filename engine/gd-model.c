@@ -3,6 +3,7 @@
 #include "gd-model.h"
 #include "gd-error.h"
 #include "gd-kernels.h"
+#include "gd-random.h"
 #include "gd-safetensors.h"
 
 #include <math.h>
@@ -589,6 +590,42 @@ const char *
 gd_model_get_metadata (const GdModel *m, const char *key)
 {
   return m->file ? gd_safetensors_metadata (m->file, key) : NULL;
+}
+
+void
+gd_model_init_random (GdModel *m, uint64_t seed)
+{
+  for (guint i = 0; i < m->params->len; i++)
+    {
+      GdParam *p = m->params->pdata[i];
+      if (p->owns_data)
+        g_free (p->data);
+      p->data = g_new (float, p->numel);
+      p->owns_data = TRUE;
+      gboolean is_bias = g_str_has_suffix (p->name, ".bias");
+      if (p->ndim == 2 && (g_str_has_suffix (p->name, "positional_embedding")
+                           || g_str_has_prefix (p->name, "label_emb")))
+        {
+          gd_random_normal (seed, i, p->data, p->numel);
+          float scale = g_str_has_prefix (p->name, "label_emb") ? 1.0f : 1.0f / sqrtf ((float) p->shape[0]);
+          for (size_t j = 0; j < p->numel; j++)
+            p->data[j] *= scale;
+          continue;
+        }
+      gd_random_uniform (seed, i, p->data, p->numel);
+      float bound, center = 0.0f;
+      if (p->ndim == 1 && !is_bias)
+        {
+          bound = 0.1f;    /* GroupNorm scale */
+          center = 1.0f;
+        }
+      else if (is_bias)
+        bound = 0.1f;
+      else
+        bound = 1.0f / sqrtf ((float) (p->numel / (size_t) p->shape[0]));
+      for (size_t j = 0; j < p->numel; j++)
+        p->data[j] = center + bound * (2.0f * p->data[j] - 1.0f);
+    }
 }
 
 /* ---- loading ---- */

@@ -63,6 +63,10 @@ GdModel *gd_model_new (const GdModelConfig *cfg, const char *origin, GError **er
  * weights memory-mapped (copied only when stored as another dtype or unaligned). */
 GdModel *gd_model_load (const char *path, GError **error);
 void gd_model_free (GdModel *model);
+/* Gives every parameter random values (owned copies), reproducibly from seed: weights and
+ * biases uniform in +-1/sqrt(fan_in), norm scales near 1, embeddings normal.  For tests,
+ * benchmarks and the start of training. */
+void gd_model_init_random (GdModel *model, uint64_t seed);
 
 const GdModelConfig *gd_model_get_config (const GdModel *model);
 const char *gd_model_get_origin (const GdModel *model);

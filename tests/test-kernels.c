@@ -1,0 +1,399 @@
+/* Finite-difference checks of every kernel's backward (input and parameter gradients),
+ * and of the whole classifier gradient on small random classifiers. */
+#include "gd-kernels.h"
+#include "gd-model.h"
+#include "gd-random.h"
+
+#include <glib.h>
+#include <math.h>
+#include <string.h>
+
+static guint64 next_stream = 1;
+
+static float *
+random_buffer (size_t count, float scale)
+{
+  float *p = g_new (float, count);
+  gd_random_normal (1234, next_stream++, p, count);
+  for (size_t i = 0; i < count; i++)
+    p[i] *= scale;
+  return p;
+}
+
+/* The scalar loss of every check: sum_i r_i y_i, whose gradient with respect to y is r. */
+static double
+weighted_sum (const float *y, const float *r, size_t count)
+{
+  double sum = 0.0;
+  for (size_t i = 0; i < count; i++)
+    sum += (double) y[i] * r[i];
+  return sum;
+}
+
+typedef double (*LossFn) (void *ctx);
+
+/* Compares an analytic gradient with central differences at up to 48 coordinates,
+ * spread evenly over the buffer.  A wrong backward is off by O(1) of the gradient's
+ * size; float32 rounding with step 1e-2 stays far below the 2% bound. */
+static void
+fd_check (const char *what, LossFn loss, void *ctx, float *values, size_t count,
+          const float *analytic)
+{
+  const float step = 1e-2f;
+  double max_analytic = 0.0;
+  for (size_t i = 0; i < count; i++)
+    max_analytic = MAX (max_analytic, fabs (analytic[i]));
+  g_assert_cmpfloat (max_analytic, >, 0.0);
+  size_t stride = MAX (1, count / 48);
+  double worst = 0.0;
+  for (size_t i = 0; i < count; i += stride)
+    {
+      float saved = values[i];
+      values[i] = saved + step;
+      double plus = loss (ctx);
+      values[i] = saved - step;
+      double minus = loss (ctx);
+      values[i] = saved;
+      double numeric = (plus - minus) / (2.0 * step);
+      worst = MAX (worst, fabs (numeric - analytic[i]));
+    }
+  if (worst > 2e-2 * max_analytic)
+    g_error ("%s: finite differences differ by %g (gradient scale %g)", what, worst, max_analytic);
+  g_test_message ("%s: max |fd - analytic| = %.3g, gradient scale %.3g", what, worst, max_analytic);
+}
+
+/* ---- convolution ---- */
+
+typedef struct {
+  int n, cin, h, w, cout, k, stride, pad, ho, wo;
+  float *x, *weight, *bias, *r, *y, *work;
+} ConvCase;
+
+static double
+conv_loss (void *p)
+{
+  ConvCase *c = p;
+  gd_conv2d_forward (c->x, c->n, c->cin, c->h, c->w, c->weight, c->bias, c->cout, c->k,
+                     c->stride, c->pad, c->y, c->work);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->cout * c->ho * c->wo);
+}
+
+static void
+check_conv (int k, int stride, int pad)
+{
+  ConvCase c = { .n = 2, .cin = 3, .h = 6, .w = 5, .cout = 4, .k = k, .stride = stride, .pad = pad };
+  c.ho = (c.h + 2 * pad - k) / stride + 1;
+  c.wo = (c.w + 2 * pad - k) / stride + 1;
+  size_t xs = (size_t) c.n * c.cin * c.h * c.w, ws = (size_t) c.cout * c.cin * k * k;
+  size_t ys = (size_t) c.n * c.cout * c.ho * c.wo;
+  c.x = random_buffer (xs, 1);
+  c.weight = random_buffer (ws, 0.5f);
+  c.bias = random_buffer (c.cout, 0.5f);
+  c.r = random_buffer (ys, 1);
+  c.y = g_new (float, ys);
+  c.work = g_new (float, MAX (1, gd_conv2d_work_size (c.cin, c.h, c.w, k, stride, pad)));
+  float *dx = g_new (float, xs), *dw = g_new0 (float, ws), *db = g_new0 (float, c.cout);
+  gd_conv2d_backward (c.x, c.n, c.cin, c.h, c.w, c.weight, c.cout, k, stride, pad, c.r,
+                      dx, dw, db, c.work);
+  fd_check ("conv dx", conv_loss, &c, c.x, xs, dx);
+  fd_check ("conv dweight", conv_loss, &c, c.weight, ws, dw);
+  fd_check ("conv dbias", conv_loss, &c, c.bias, c.cout, db);
+  g_free (c.x); g_free (c.weight); g_free (c.bias); g_free (c.r); g_free (c.y); g_free (c.work);
+  g_free (dx); g_free (dw); g_free (db);
+}
+
+static void test_conv3x3 (void) { check_conv (3, 1, 1); }
+static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1); }
+static void test_conv1x1 (void) { check_conv (1, 1, 0); }
+
+/* ---- linear ---- */
+
+typedef struct { int n, in, out; float *x, *weight, *bias, *r, *y; } LinearCase;
+
+static double
+linear_loss (void *p)
+{
+  LinearCase *c = p;
+  gd_linear_forward (c->x, c->n, c->in, c->weight, c->bias, c->out, c->y);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->out);
+}
+
+static void
+test_linear (void)
+{
+  LinearCase c = { .n = 3, .in = 7, .out = 5 };
+  c.x = random_buffer (21, 1);
+  c.weight = random_buffer (35, 0.5f);
+  c.bias = random_buffer (5, 0.5f);
+  c.r = random_buffer (15, 1);
+  c.y = g_new (float, 15);
+  float *dx = g_new (float, 21), *dw = g_new0 (float, 35), *db = g_new0 (float, 5);
+  gd_linear_backward (c.x, c.n, c.in, c.weight, c.out, c.r, dx, dw, db);
+  fd_check ("linear dx", linear_loss, &c, c.x, 21, dx);
+  fd_check ("linear dweight", linear_loss, &c, c.weight, 35, dw);
+  fd_check ("linear dbias", linear_loss, &c, c.bias, 5, db);
+  g_free (c.x); g_free (c.weight); g_free (c.bias); g_free (c.r); g_free (c.y);
+  g_free (dx); g_free (dw); g_free (db);
+}
+
+/* ---- group norm ---- */
+
+typedef struct { int n, c, hw, groups; float *x, *gamma, *beta, *r, *y, *mean, *rstd; } NormCase;
+
+static double
+norm_loss (void *p)
+{
+  NormCase *c = p;
+  gd_group_norm_forward (c->x, c->n, c->c, c->hw, c->groups, c->gamma, c->beta, c->y, c->mean, c->rstd);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->c * c->hw);
+}
+
+static void
+test_group_norm (void)
+{
+  NormCase c = { .n = 2, .c = 64, .hw = 6, .groups = 32 };
+  size_t size = (size_t) c.n * c.c * c.hw;
+  c.x = random_buffer (size, 2);
+  c.gamma = random_buffer (c.c, 1);
+  c.beta = random_buffer (c.c, 1);
+  c.r = random_buffer (size, 1);
+  c.y = g_new (float, size);
+  c.mean = g_new (float, c.n * c.groups);
+  c.rstd = g_new (float, c.n * c.groups);
+  norm_loss (&c);
+  float *dx = g_new (float, size), *dg = g_new0 (float, c.c), *db = g_new0 (float, c.c);
+  gd_group_norm_backward (c.x, c.n, c.c, c.hw, c.groups, c.gamma, c.mean, c.rstd, c.r, dx, dg, db);
+  fd_check ("group norm dx", norm_loss, &c, c.x, size, dx);
+  fd_check ("group norm dgamma", norm_loss, &c, c.gamma, c.c, dg);
+  fd_check ("group norm dbeta", norm_loss, &c, c.beta, c.c, db);
+  g_free (c.x); g_free (c.gamma); g_free (c.beta); g_free (c.r); g_free (c.y);
+  g_free (c.mean); g_free (c.rstd); g_free (dx); g_free (dg); g_free (db);
+}
+
+/* ---- scale-shift, channel bias, SiLU, resampling ---- */
+
+typedef struct { int n, c, hw; float *x, *ss, *r, *y; } ModCase;
+
+static double
+scale_shift_loss (void *p)
+{
+  ModCase *c = p;
+  gd_scale_shift_forward (c->x, c->n, c->c, c->hw, c->ss, c->y);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->c * c->hw);
+}
+
+static double
+channel_bias_loss (void *p)
+{
+  ModCase *c = p;
+  gd_add_channel_bias_forward (c->x, c->n, c->c, c->hw, c->ss, c->y);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->c * c->hw);
+}
+
+static void
+test_modulation (void)
+{
+  ModCase c = { .n = 2, .c = 3, .hw = 5 };
+  size_t size = 30;
+  c.x = random_buffer (size, 1);
+  c.ss = random_buffer (12, 1);
+  c.r = random_buffer (size, 1);
+  c.y = g_new (float, size);
+  float *dx = g_new (float, size), *dss = g_new0 (float, 12);
+  gd_scale_shift_backward (c.x, c.n, c.c, c.hw, c.ss, c.r, dx, dss);
+  fd_check ("scale-shift dx", scale_shift_loss, &c, c.x, size, dx);
+  fd_check ("scale-shift dscale/dshift", scale_shift_loss, &c, c.ss, 12, dss);
+  memset (dss, 0, sizeof (float) * 12);
+  gd_add_channel_bias_backward (c.n, c.c, c.hw, c.r, dx, dss);
+  fd_check ("channel bias dx", channel_bias_loss, &c, c.x, size, dx);
+  fd_check ("channel bias db", channel_bias_loss, &c, c.ss, 6, dss);
+  g_free (c.x); g_free (c.ss); g_free (c.r); g_free (c.y); g_free (dx); g_free (dss);
+}
+
+typedef struct { int kind, n, c, h, w; size_t in_size, out_size; float *x, *r, *y; } PointCase;
+
+static double
+point_loss (void *p)
+{
+  PointCase *c = p;
+  if (c->kind == 0)
+    gd_silu_forward (c->x, c->in_size, c->y);
+  else if (c->kind == 1)
+    gd_avg_pool2_forward (c->x, c->n, c->c, c->h, c->w, c->y);
+  else
+    gd_upsample2_forward (c->x, c->n, c->c, c->h, c->w, c->y);
+  return weighted_sum (c->y, c->r, c->out_size);
+}
+
+static void
+check_pointwise (int kind, const char *what)
+{
+  PointCase c = { .kind = kind, .n = 2, .c = 3, .h = 4, .w = 6 };
+  c.in_size = (size_t) c.n * c.c * c.h * c.w;
+  c.out_size = kind == 0 ? c.in_size : kind == 1 ? c.in_size / 4 : c.in_size * 4;
+  c.x = random_buffer (c.in_size, 2);
+  c.r = random_buffer (c.out_size, 1);
+  c.y = g_new (float, c.out_size);
+  float *dx = g_new (float, c.in_size);
+  if (kind == 0)
+    gd_silu_backward (c.x, c.in_size, c.r, dx);
+  else if (kind == 1)
+    gd_avg_pool2_backward (c.n, c.c, c.h, c.w, c.r, dx);
+  else
+    gd_upsample2_backward (c.n, c.c, c.h, c.w, c.r, dx);
+  fd_check (what, point_loss, &c, c.x, c.in_size, dx);
+  g_free (c.x); g_free (c.r); g_free (c.y); g_free (dx);
+}
+
+static void test_silu (void) { check_pointwise (0, "silu dx"); }
+static void test_avg_pool (void) { check_pointwise (1, "avg pool dx"); }
+static void test_upsample (void) { check_pointwise (2, "upsample dx"); }
+
+/* ---- attention ---- */
+
+typedef struct { int n, heads, ch, L, legacy; float *qkv, *r, *y, *probs; } AttnCase;
+
+static double
+attn_loss (void *p)
+{
+  AttnCase *c = p;
+  gd_attention_forward (c->qkv, c->n, c->heads, c->ch, c->L, c->legacy, c->y, c->probs);
+  return weighted_sum (c->y, c->r, (size_t) c->n * c->heads * c->ch * c->L);
+}
+
+static void
+check_attention (int legacy)
+{
+  AttnCase c = { .n = 2, .heads = 2, .ch = 4, .L = 5, .legacy = legacy };
+  size_t in = (size_t) c.n * 3 * c.heads * c.ch * c.L, out = in / 3;
+  c.qkv = random_buffer (in, 1);
+  c.r = random_buffer (out, 1);
+  c.y = g_new (float, out);
+  c.probs = g_new (float, (size_t) c.n * c.heads * c.L * c.L);
+  attn_loss (&c);
+  float *dqkv = g_new (float, in);
+  gd_attention_backward (c.qkv, c.n, c.heads, c.ch, c.L, legacy, c.probs, c.r, dqkv);
+  fd_check (legacy ? "legacy attention dqkv" : "attention dqkv", attn_loss, &c, c.qkv, in, dqkv);
+  g_free (c.qkv); g_free (c.r); g_free (c.y); g_free (c.probs); g_free (dqkv);
+}
+
+static void test_attention (void) { check_attention (0); }
+static void test_attention_legacy (void) { check_attention (1); }
+
+/* The two head orders must really differ: the same qkv gives different outputs. */
+static void
+test_attention_orders_differ (void)
+{
+  int n = 1, heads = 2, ch = 4, L = 3;
+  size_t in = (size_t) n * 3 * heads * ch * L;
+  float *qkv = random_buffer (in, 1), *a = g_new (float, in / 3), *b = g_new (float, in / 3);
+  float *probs = g_new (float, (size_t) heads * L * L);
+  gd_attention_forward (qkv, n, heads, ch, L, 0, a, probs);
+  gd_attention_forward (qkv, n, heads, ch, L, 1, b, probs);
+  double diff = 0;
+  for (size_t i = 0; i < in / 3; i++)
+    diff = MAX (diff, fabs (a[i] - b[i]));
+  g_assert_cmpfloat (diff, >, 1e-3);
+  g_free (qkv); g_free (a); g_free (b); g_free (probs);
+}
+
+/* ---- timestep embedding ---- */
+
+static void
+test_timestep_embedding (void)
+{
+  int64_t t[2] = { 0, 999 };
+  float e[2 * 8];
+  gd_timestep_embedding (t, 2, 8, e);
+  for (int j = 0; j < 4; j++)
+    {
+      g_assert_cmpfloat (e[j], ==, 1.0f);      /* cos(0) */
+      g_assert_cmpfloat (e[4 + j], ==, 0.0f);  /* sin(0) */
+    }
+  /* frequency j is 10000^(-j/4): the first pair is cos/sin(999) itself */
+  g_assert_cmpfloat (fabs (e[8] - cos (999.0)), <, 1e-4);
+  g_assert_cmpfloat (fabs (e[12] - sin (999.0)), <, 1e-4);
+  g_assert_cmpfloat (fabs (e[9] - cos (999.0 * pow (10000.0, -0.25))), <, 1e-4);
+}
+
+/* ---- whole classifier gradient ---- */
+
+typedef struct { GdModel *model; float *x; int n, h, w; int64_t t[2], y[2]; float *logits; } ModelCase;
+
+static double
+classifier_loss (void *p)
+{
+  ModelCase *c = p;
+  int classes = gd_model_get_config (c->model)->out_channels;
+  g_assert_true (gd_model_forward (c->model, c->x, c->n, c->h, c->w, c->t, NULL, c->logits, NULL));
+  float *logp = g_new (float, (size_t) c->n * classes);
+  gd_log_softmax (c->logits, c->n, classes, logp);
+  double sum = 0.0;
+  for (int i = 0; i < c->n; i++)
+    sum += logp[(size_t) i * classes + c->y[i]];
+  g_free (logp);
+  return sum;
+}
+
+static void
+check_classifier (const char *config_json)
+{
+  GdModelConfig cfg;
+  gd_model_config_init (&cfg, GD_MODEL_CLASSIFIER);
+  GError *error = NULL;
+  g_assert_true (gd_model_config_parse (&cfg, config_json, "test", &error));
+  g_assert_no_error (error);
+  GdModel *model = gd_model_new (&cfg, "test", &error);
+  g_assert_no_error (error);
+  gd_model_init_random (model, 7);
+  ModelCase c = { .model = model, .n = 2, .h = cfg.image_size, .w = cfg.image_size,
+                  .t = { 10, 700 }, .y = { 1, 3 } };
+  size_t size = (size_t) c.n * cfg.in_channels * c.h * c.w;
+  c.x = random_buffer (size, 1);
+  c.logits = g_new (float, (size_t) c.n * cfg.out_channels);
+  float *grad = g_new (float, size);
+  g_assert_true (gd_classifier_gradient (model, c.x, c.n, c.h, c.w, c.t, c.y, c.logits, grad, &error));
+  fd_check ("classifier gradient", classifier_loss, &c, c.x, size, grad);
+  g_free (c.x); g_free (c.logits); g_free (grad);
+  gd_model_free (model);
+}
+
+static void
+test_classifier_attention_pool (void)
+{
+  check_classifier ("{\"image_size\": 8, \"in_channels\": 3, \"model_channels\": 32,"
+                    " \"out_channels\": 4, \"num_res_blocks\": 1, \"attention_resolutions\": [2],"
+                    " \"channel_mult\": [1, 2], \"num_head_channels\": 16,"
+                    " \"use_scale_shift_norm\": true, \"resblock_updown\": true, \"pool\": \"attention\"}");
+}
+
+static void
+test_classifier_adaptive_pool (void)
+{
+  check_classifier ("{\"image_size\": 8, \"in_channels\": 1, \"model_channels\": 32,"
+                    " \"out_channels\": 5, \"num_res_blocks\": 1, \"attention_resolutions\": [1, 2],"
+                    " \"channel_mult\": [1, 2], \"num_heads\": 2,"
+                    " \"use_scale_shift_norm\": false, \"resblock_updown\": false, \"pool\": \"adaptive\"}");
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  g_test_add_func ("/kernels/conv3x3", test_conv3x3);
+  g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
+  g_test_add_func ("/kernels/conv1x1", test_conv1x1);
+  g_test_add_func ("/kernels/linear", test_linear);
+  g_test_add_func ("/kernels/group-norm", test_group_norm);
+  g_test_add_func ("/kernels/scale-shift-and-bias", test_modulation);
+  g_test_add_func ("/kernels/silu", test_silu);
+  g_test_add_func ("/kernels/avg-pool", test_avg_pool);
+  g_test_add_func ("/kernels/upsample", test_upsample);
+  g_test_add_func ("/kernels/attention", test_attention);
+  g_test_add_func ("/kernels/attention-legacy", test_attention_legacy);
+  g_test_add_func ("/kernels/attention-orders-differ", test_attention_orders_differ);
+  g_test_add_func ("/kernels/timestep-embedding", test_timestep_embedding);
+  g_test_add_func ("/model/classifier-gradient-attention-pool", test_classifier_attention_pool);
+  g_test_add_func ("/model/classifier-gradient-adaptive-pool", test_classifier_adaptive_pool);
+  return g_test_run ();
+}
