@@ -14,6 +14,7 @@ typedef enum {
   GD_ERROR_CONFIG,    /* architecture cannot be built from the configuration */
   GD_ERROR_WEIGHTS,   /* weights missing, extra or of the wrong shape */
   GD_ERROR_INPUT,     /* an input tensor does not fit the model */
+  GD_ERROR_CANCELLED, /* a long run was stopped by its caller */
 } GdErrorCode;
 
 G_END_DECLS

@@ -10,6 +10,7 @@ static const struct {
   int (*main) (int argc, char **argv);
   const char *summary;
 } commands[] = {
+  { "sample", guided_sample_main, "generate images, guided by a classifier" },
   { "forward", guided_forward_main, "run a model on the tensors of a safetensors file" },
 };
 

@@ -2,3 +2,4 @@
 #pragma once
 
 int guided_forward_main (int argc, char **argv);
+int guided_sample_main (int argc, char **argv);
