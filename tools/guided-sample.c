@@ -206,7 +206,7 @@ out:
 /* ---- generation ---- */
 
 typedef struct {
-  char *model, *classifier, *label, *respacing, *sampler, *output, *replay, *trace;
+  char *model, *classifier, *label, *respacing, *sampler, *output, *tensor, *replay, *trace;
   int class_index, steps, batch;
   double scale, eta;
   gint64 seed;
@@ -350,6 +350,16 @@ generate (Options *opt, GError **error)
   gd_sample_initial_noise (o.seed, n, (size_t) c * h * w, x);
   if (!gd_sample_run (&o, x, n, h, w, error))
     goto out;
+  if (opt->tensor)
+    {
+      GdStWriter *writer = gd_st_writer_new ();
+      int64_t shape[4] = { n, c, h, w };
+      gd_st_writer_add (writer, "x0", GD_DTYPE_F32, 4, shape, x);
+      gboolean written = gd_st_writer_write (writer, opt->tensor, error);
+      gd_st_writer_free (writer);
+      if (!written)
+        goto out;
+    }
   if (!gd_png_write_grid (opt->output, x, n, c, h, w, error))
     goto out;
   fprintf (stderr, "guided sample: wrote %s (%d image%s of %dx%d, %s, %d steps, seed %" G_GINT64_FORMAT ")\n",
@@ -386,6 +396,7 @@ guided_sample_main (int argc, char **argv)
     { "batch", 'b', 0, G_OPTION_ARG_INT, &opt.batch, "Images to make, written as one grid (default 1)", "B" },
     { "no-clip", 0, 0, G_OPTION_ARG_NONE, &opt.no_clip, "Do not clamp the predicted x_0 to [-1, 1]", NULL },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt.output, "Output PNG", "FILE" },
+    { "tensor", 0, 0, G_OPTION_ARG_FILENAME, &opt.tensor, "Also write the samples x0 [B, C, H, W] in model space (safetensors)", "FILE" },
     { "replay", 0, 0, G_OPTION_ARG_FILENAME, &opt.replay, "Replay a reference sampling fixture folder", "DIR" },
     { "trace", 0, 0, G_OPTION_ARG_FILENAME, &opt.trace, "With --replay: write samples and pred_xstart of every step", "FILE" },
     { NULL }
@@ -439,6 +450,7 @@ done:
   g_free (opt.respacing);
   g_free (opt.sampler);
   g_free (opt.output);
+  g_free (opt.tensor);
   g_free (opt.replay);
   g_free (opt.trace);
   return status;

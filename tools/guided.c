@@ -1,7 +1,9 @@
 /* guided: the command line of the guided-diffusion engine. */
 #include "guided.h"
 
+#include <cblas.h>
 #include <glib.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -26,6 +28,18 @@ usage (FILE *out)
 int
 main (int argc, char **argv)
 {
+  /* GD_THREADS: worker threads of the numeric core (default: every core) */
+  const char *threads = g_getenv ("GD_THREADS");
+  if (threads)
+    {
+      long count = strtol (threads, NULL, 10);
+      if (count < 1 || count > 1024)
+        {
+          fprintf (stderr, "guided: GD_THREADS=%s is not a thread count\n", threads);
+          return 2;
+        }
+      openblas_set_num_threads ((int) count);
+    }
   if (argc < 2)
     {
       usage (stderr);

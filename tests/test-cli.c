@@ -1,0 +1,351 @@
+/* The `guided sample` command: replay of the reference sampling runs (every step within
+ * 2e-3), determinism across thread counts and batch positions, guidance having an effect,
+ * and clear failures on bad input with nothing written. */
+#include "gd-safetensors.h"
+
+#include <glib.h>
+#include <glib/gstdio.h>
+#include <math.h>
+#include <string.h>
+
+static const char *guided;
+static char *reference;
+static char *tmpdir;
+
+static gboolean
+have_reference (void)
+{
+  if (g_file_test (reference, G_FILE_TEST_IS_DIR))
+    return TRUE;
+  char *msg = g_strdup_printf ("reference fixtures %s are missing", reference);
+  g_printerr ("SKIP: %s\n", msg);
+  g_test_skip (msg);
+  g_free (msg);
+  return FALSE;
+}
+
+static char *
+ref_path (const char *a, const char *b)
+{
+  return g_build_filename (reference, a, b, NULL);
+}
+
+static char *
+tmp_path (const char *name)
+{
+  return g_build_filename (tmpdir, name, NULL);
+}
+
+/* Runs guided with the given arguments (NULL-terminated) and extra environment. */
+static int
+run_guided (char **err, const char *env_threads, ...)
+{
+  GPtrArray *args = g_ptr_array_new ();
+  g_ptr_array_add (args, (char *) guided);
+  va_list ap;
+  va_start (ap, env_threads);
+  for (const char *a; (a = va_arg (ap, const char *));)
+    g_ptr_array_add (args, (char *) a);
+  va_end (ap);
+  g_ptr_array_add (args, NULL);
+  char **env = g_get_environ ();
+  if (env_threads)
+    env = g_environ_setenv (env, "GD_THREADS", env_threads, TRUE);
+  int status = -1;
+  char *out = NULL, *errtext = NULL;
+  GError *error = NULL;
+  g_spawn_sync (NULL, (char **) args->pdata, env, G_SPAWN_DEFAULT, NULL, NULL, &out, &errtext,
+                &status, &error);
+  g_assert_no_error (error);
+  g_strfreev (env);
+  g_ptr_array_unref (args);
+  g_free (out);
+  if (err)
+    *err = errtext;
+  else
+    g_free (errtext);
+  return g_spawn_check_wait_status (status, NULL) ? 0 : (WIFEXITED (status) ? WEXITSTATUS (status) : -1);
+}
+
+static float *
+read_tensor (const char *path, const char *name, int64_t *numel, int64_t *steps)
+{
+  GError *error = NULL;
+  GdSafetensors *st = gd_safetensors_open (path, &error);
+  g_assert_no_error (error);
+  const GdStTensor *t = gd_safetensors_find (st, name);
+  g_assert_nonnull (t);
+  float *data = gd_st_tensor_to_f32 (t);
+  *numel = t->numel;
+  if (steps)
+    *steps = t->shape[0];
+  gd_safetensors_free (st);
+  return data;
+}
+
+static void
+test_replay (gconstpointer data)
+{
+  const char *fixture = data;
+  if (!have_reference ())
+    return;
+  char *dir = ref_path ("sampling", fixture);
+  char *trace = tmp_path ("trace.safetensors");
+  char *io = g_build_filename (dir, "io.safetensors", NULL);
+  char *err = NULL;
+  int status = run_guided (&err, NULL, "sample", "--replay", dir, "--trace", trace, NULL);
+  if (status != 0)
+    g_error ("replay of %s failed: %s", fixture, err);
+  g_free (err);
+  const char *names[] = { "samples", "pred_xstart" };
+  for (int k = 0; k < 2; k++)
+    {
+      int64_t n_got, n_ref, steps;
+      float *got = read_tensor (trace, names[k], &n_got, &steps);
+      float *ref = read_tensor (io, names[k], &n_ref, NULL);
+      g_assert_cmpint (n_got, ==, n_ref);
+      int64_t per = n_got / steps;
+      double worst = 0.0;
+      for (int64_t s = 0; s < steps; s++)
+        {
+          double step_max = 0.0;
+          for (int64_t i = s * per; i < (s + 1) * per; i++)
+            step_max = MAX (step_max, fabs ((double) got[i] - ref[i]));
+          if (!(step_max <= 2e-3))
+            g_error ("%s %s step %" G_GINT64_FORMAT ": max |a - b| = %g exceeds 2e-3",
+                     fixture, names[k], s, step_max);
+          worst = MAX (worst, step_max);
+        }
+      g_test_message ("%s %s: worst step max |a - b| = %.3g over %" G_GINT64_FORMAT " steps",
+                      fixture, names[k], worst, steps);
+      g_free (got);
+      g_free (ref);
+    }
+  g_unlink (trace);
+  g_free (dir);
+  g_free (trace);
+  g_free (io);
+}
+
+/* Samples of the tiny class-conditional model guided by the tiny classifier. */
+static float *
+sample_tensor (const char *threads, const char *seed, const char *batch, const char *scale,
+               const char *sampler, int64_t *numel)
+{
+  char *model = ref_path ("unet/tiny_cond_learnsigma", "model.safetensors");
+  char *classifier = ref_path ("classifier/tiny_attnpool", "model.safetensors");
+  char *png = tmp_path ("sample.png"), *tensor = tmp_path ("sample.safetensors");
+  char *err = NULL;
+  int status = run_guided (&err, threads, "sample", "--model", model, "--classifier", classifier,
+                           "--class", "3", "--steps", "8", "--sampler", sampler, "--eta", "0.5",
+                           "--seed", seed, "--batch", batch, "--scale", scale, "-o", png,
+                           "--tensor", tensor, NULL);
+  if (status != 0)
+    g_error ("guided sample failed: %s", err);
+  g_assert_true (g_file_test (png, G_FILE_TEST_IS_REGULAR));
+  float *x = read_tensor (tensor, "x0", numel, NULL);
+  g_free (err);
+  g_free (model);
+  g_free (classifier);
+  g_free (png);
+  g_free (tensor);
+  return x;
+}
+
+static void
+test_thread_count_determinism (void)
+{
+  if (!have_reference ())
+    return;
+  const char *samplers[] = { "ddpm", "ddim" };
+  for (int s = 0; s < 2; s++)
+    {
+      int64_t n1, n2;
+      float *one = sample_tensor ("1", "11", "4", "10", samplers[s], &n1);
+      float *two = sample_tensor ("2", "11", "4", "10", samplers[s], &n2);
+      g_assert_cmpint (n1, ==, n2);
+      g_assert_cmpint (memcmp (one, two, sizeof (float) * n1), ==, 0);
+      g_free (one);
+      g_free (two);
+    }
+}
+
+/* Image j of a batch with seed S is the single image of seed S + j. */
+static void
+test_batch_position_independence (void)
+{
+  if (!have_reference ())
+    return;
+  int64_t n_batch, n_single;
+  float *batch = sample_tensor (NULL, "20", "3", "10", "ddpm", &n_batch);
+  float *single = sample_tensor (NULL, "22", "1", "10", "ddpm", &n_single);
+  g_assert_cmpint (n_batch, ==, 3 * n_single);
+  g_assert_cmpint (memcmp (batch + 2 * n_single, single, sizeof (float) * n_single), ==, 0);
+  g_free (batch);
+  g_free (single);
+}
+
+static void
+test_guidance_changes_result (void)
+{
+  if (!have_reference ())
+    return;
+  int64_t n0, n1;
+  float *plain = sample_tensor (NULL, "3", "2", "0", "ddim", &n0);
+  float *guided_x = sample_tensor (NULL, "3", "2", "10", "ddim", &n1);
+  double diff = 0.0;
+  for (int64_t i = 0; i < n0; i++)
+    diff += fabs (plain[i] - guided_x[i]);
+  diff /= (double) n0;
+  g_test_message ("mean |guided - unguided| = %.3g", diff);
+  g_assert_cmpfloat (diff, >, 1e-2);
+  g_free (plain);
+  g_free (guided_x);
+}
+
+/* A copy of the tiny classifier whose metadata names its classes. */
+static char *
+labelled_classifier (void)
+{
+  char *src = ref_path ("classifier/tiny_attnpool", "model.safetensors");
+  char *dst = tmp_path ("labelled.safetensors");
+  GError *error = NULL;
+  GdSafetensors *st = gd_safetensors_open (src, &error);
+  g_assert_no_error (error);
+  GdStWriter *w = gd_st_writer_new ();
+  gd_st_writer_set_metadata (w, "kind", gd_safetensors_metadata (st, "kind"));
+  gd_st_writer_set_metadata (w, "config", gd_safetensors_metadata (st, "config"));
+  gd_st_writer_set_metadata (w, "labels", "[\"airplane\", \"automobile\", \"bird\", \"cat\", \"deer\","
+                                          " \"dog\", \"frog\", \"horse\", \"ship\", \"truck\"]");
+  for (guint i = 0; i < gd_safetensors_count (st); i++)
+    {
+      const GdStTensor *t = gd_safetensors_nth (st, i);
+      gd_st_writer_add (w, t->name, t->dtype, t->ndim, t->shape, t->data);
+    }
+  g_assert_true (gd_st_writer_write (w, dst, &error));
+  gd_st_writer_free (w);
+  gd_safetensors_free (st);
+  g_free (src);
+  return dst;
+}
+
+/* Runs a failing sample command: non-zero exit, one line on stderr naming the cause,
+ * and no output file. */
+static void
+expect_failure (const char *what, const char *expected, const char *output, ...)
+{
+  GPtrArray *args = g_ptr_array_new ();
+  g_ptr_array_add (args, (char *) guided);
+  g_ptr_array_add (args, (char *) "sample");
+  va_list ap;
+  va_start (ap, output);
+  for (const char *a; (a = va_arg (ap, const char *));)
+    g_ptr_array_add (args, (char *) a);
+  va_end (ap);
+  g_ptr_array_add (args, (char *) "-o");
+  g_ptr_array_add (args, (char *) output);
+  g_ptr_array_add (args, NULL);
+  char *out = NULL, *err = NULL;
+  int status = 0;
+  GError *error = NULL;
+  g_spawn_sync (NULL, (char **) args->pdata, NULL, G_SPAWN_DEFAULT, NULL, NULL, &out, &err,
+                &status, &error);
+  g_assert_no_error (error);
+  if (g_spawn_check_wait_status (status, NULL))
+    g_error ("%s: expected a failure, got success", what);
+  if (!strstr (err, expected))
+    g_error ("%s: stderr \"%s\" lacks \"%s\"", what, err, expected);
+  const char *newline = strchr (err, '\n');
+  if (!newline || newline[1] != '\0')
+    g_error ("%s: expected one line on stderr, got \"%s\"", what, err);
+  g_assert_false (g_file_test (output, G_FILE_TEST_EXISTS));
+  g_test_message ("%s: %s", what, g_strchomp (err));
+  g_free (out);
+  g_free (err);
+  g_ptr_array_unref (args);
+}
+
+static void
+test_bad_input (void)
+{
+  if (!have_reference ())
+    return;
+  char *model = ref_path ("unet/tiny_cond_learnsigma", "model.safetensors");
+  char *uncond = ref_path ("unet/tiny_uncond_legacy", "model.safetensors");
+  char *gray_classifier = ref_path ("classifier/gray28_attnpool", "model.safetensors");
+  char *labelled = labelled_classifier ();
+  char *out = tmp_path ("never.png");
+
+  expect_failure ("unknown label", "unknown label 'dgo'", out, "--model", model,
+                  "--classifier", labelled, "--label", "dgo", NULL);
+  expect_failure ("unknown label lists close matches", "close matches: 'dog' (5)", out,
+                  "--model", model, "--classifier", labelled, "--label", "dgo", NULL);
+  expect_failure ("label without a list", "--label needs a model or classifier with a label list",
+                  out, "--model", uncond, "--label", "dog", NULL);
+  expect_failure ("class out of range", "class 12 is out of range", out, "--model", model,
+                  "--classifier", labelled, "--class", "12", NULL);
+  expect_failure ("class out of range for the model", "class 10 is out of range", out,
+                  "--model", model, "--class", "10", NULL);
+  expect_failure ("classifier that does not fit", "does not fit the model's 3 channels at 16x16",
+                  out, "--model", uncond, "--classifier", gray_classifier, "--class", "1", NULL);
+  expect_failure ("invalid respacing", "invalid respacing 'ddim999'", out, "--model", uncond,
+                  "--respacing", "ddim999", NULL);
+  expect_failure ("invalid respacing", "invalid respacing 'ten'", out, "--model", uncond,
+                  "--respacing", "ten", NULL);
+  expect_failure ("unknown sampler", "unknown sampler 'euler'", out, "--model", uncond,
+                  "--sampler", "euler", NULL);
+  expect_failure ("unwritable output", "/nonexistent-folder/x.png: folder is not writable",
+                  "/nonexistent-folder/x.png", "--model", uncond, "--steps", "2", NULL);
+  expect_failure ("missing model file", "no-such-model.safetensors", out,
+                  "--model", "no-such-model.safetensors", NULL);
+
+  /* a label that exists works, case-insensitively */
+  char *err = NULL;
+  int status = run_guided (&err, NULL, "sample", "--model", model, "--classifier", labelled,
+                           "--label", "Dog", "--steps", "2", "--seed", "1", "-o", out, NULL);
+  if (status != 0)
+    g_error ("--label Dog failed: %s", err);
+  g_assert_true (g_file_test (out, G_FILE_TEST_IS_REGULAR));
+  g_unlink (out);
+  g_unlink (labelled);
+  g_free (err);
+  g_free (model);
+  g_free (uncond);
+  g_free (gray_classifier);
+  g_free (labelled);
+  g_free (out);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  guided = g_getenv ("GUIDED");
+  if (!guided)
+    g_error ("GUIDED (path of the guided command) is not set");
+  const char *dir = g_getenv ("GD_REFERENCE_DIR");
+  reference = g_strdup (dir ? dir : "../shared/reference");
+  tmpdir = g_dir_make_tmp ("gd-cli-XXXXXX", NULL);
+  static const char *fixtures[] = { "ddpm_guided", "ddim_guided", "ddpm_uncond_fixedvar",
+                                    "ddim_eta_cosine_gray" };
+  for (guint i = 0; i < G_N_ELEMENTS (fixtures); i++)
+    {
+      char *name = g_strconcat ("/cli/replay/", fixtures[i], NULL);
+      g_test_add_data_func (name, fixtures[i], test_replay);
+      g_free (name);
+    }
+  g_test_add_func ("/cli/determinism/thread-count", test_thread_count_determinism);
+  g_test_add_func ("/cli/determinism/batch-position", test_batch_position_independence);
+  g_test_add_func ("/cli/guidance-changes-result", test_guidance_changes_result);
+  g_test_add_func ("/cli/bad-input", test_bad_input);
+  int status = g_test_run ();
+  char *png = tmp_path ("sample.png"), *tensor = tmp_path ("sample.safetensors");
+  g_unlink (png);
+  g_unlink (tensor);
+  g_rmdir (tmpdir);
+  g_free (png);
+  g_free (tensor);
+  g_free (tmpdir);
+  g_free (reference);
+  return status;
+}
