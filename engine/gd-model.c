@@ -366,8 +366,9 @@ check_config (const GdModelConfig *cfg, const char *origin, GError **error)
            && cfg->num_head_channels == -1)
     problem = "attention pooling needs num_head_channels";
   for (int i = 0; i < cfg->n_levels && !problem; i++)
-    if (!(cfg->channel_mult[i] > 0) || cfg->channel_mult[i] * cfg->model_channels > 1e6)
-      problem = "channel_mult values must be positive";
+    if (!(cfg->channel_mult[i] * cfg->model_channels >= 1.0)
+        || cfg->channel_mult[i] * cfg->model_channels > 1e6)
+      problem = "every channel_mult value must give between 1 and 10^6 channels";
   if (problem)
     {
       g_set_error (error, GD_ERROR, GD_ERROR_CONFIG, "%s: config: %s", origin, problem);
@@ -1089,7 +1090,13 @@ gd_model_check_input (const GdModel *m, int n, int c, int h, int w, const int64_
 {
   const GdModelConfig *cfg = &m->cfg;
   int factor = 1 << downsamplings (cfg);
-  if (n < 1 || c != cfg->in_channels || h < 1 || w < 1)
+  if (n < 1 || h < 1 || w < 1)
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "input of shape [%d, %d, %d, %d] is empty",
+                   n, c, h, w);
+      return FALSE;
+    }
+  if (c != cfg->in_channels)
     {
       g_set_error (error, GD_ERROR, GD_ERROR_INPUT,
                    "input of shape [%d, %d, %d, %d] does not fit %s: it takes %d channels",

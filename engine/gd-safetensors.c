@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <json-glib/json-glib.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <glib/gstdio.h>
@@ -413,7 +414,8 @@ gd_st_tensor_to_i64 (const GdStTensor *t, int64_t **out, GError **error)
             d = f[0];
           }
         }
-      if (d != (double) (int64_t) d)
+      /* whole and inside int64 (2^63 itself is not), checked before any conversion */
+      if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0) || d != floor (d))
         {
           g_set_error (error, GD_ERROR, GD_ERROR_INPUT,
                        "tensor '%s' holds %g where a whole number is needed", t->name, d);

@@ -22,7 +22,12 @@ read_labels (const GdSafetensors *in, const char *name, int n, int64_t **out, GE
                    gd_safetensors_path (in), name, n);
       return FALSE;
     }
-  return gd_st_tensor_to_i64 (t, out, error);
+  if (!gd_st_tensor_to_i64 (t, out, error))
+    {
+      g_prefix_error (error, "%s: ", gd_safetensors_path (in));
+      return FALSE;
+    }
+  return TRUE;
 }
 
 static int

@@ -147,7 +147,10 @@ replay (const char *dir, const char *trace_path, const char *png_path, GError **
     }
   int n = (int) xt->shape[0], c = (int) xt->shape[1], h = (int) xt->shape[2], w = (int) xt->shape[3];
   if (yt && !gd_st_tensor_to_i64 (yt, &labels, error))
-    goto out;
+    {
+      g_prefix_error (error, "%s: ", io_path);
+      goto out;
+    }
   x = gd_st_tensor_to_f32 (xt);
   noise = gd_st_tensor_to_f32 (nt);
 
