@@ -99,6 +99,9 @@ struct GdModel {
   GdModelConfig cfg;
   char *origin;
   GdSafetensors *file;
+  GHashTable *metadata;      /* keys set by gd_model_set_metadata */
+  gpointer data_owner;
+  GDestroyNotify data_owner_destroy;
   GPtrArray *params;         /* GdParam* */
   GHashTable *param_by_name;
 
@@ -563,6 +566,10 @@ gd_model_free (GdModel *m)
   for (guint i = 0; i < G_N_ELEMENTS (bufs); i++)
     buf_clear (bufs[i]);
   gd_safetensors_free (m->file);
+  if (m->metadata)
+    g_hash_table_unref (m->metadata);
+  if (m->data_owner && m->data_owner_destroy)
+    m->data_owner_destroy (m->data_owner);
   g_free (m->origin);
   g_free (m);
 }
@@ -590,7 +597,27 @@ gd_model_parameter_count (const GdModel *m)
 const char *
 gd_model_get_metadata (const GdModel *m, const char *key)
 {
-  return m->file ? gd_safetensors_metadata (m->file, key) : NULL;
+  const char *value = m->metadata ? g_hash_table_lookup (m->metadata, key) : NULL;
+  if (!value && m->file)
+    value = gd_safetensors_metadata (m->file, key);
+  return value;
+}
+
+void
+gd_model_set_metadata (GdModel *m, const char *key, const char *value)
+{
+  if (!m->metadata)
+    m->metadata = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+  g_hash_table_insert (m->metadata, g_strdup (key), g_strdup (value));
+}
+
+void
+gd_model_set_data_owner (GdModel *m, gpointer owner, GDestroyNotify destroy)
+{
+  if (m->data_owner && m->data_owner_destroy)
+    m->data_owner_destroy (m->data_owner);
+  m->data_owner = owner;
+  m->data_owner_destroy = destroy;
 }
 
 void

@@ -74,8 +74,13 @@ guint gd_model_n_params (const GdModel *model);
 GdParam *gd_model_param (GdModel *model, guint i);
 GdParam *gd_model_find_param (GdModel *model, const char *name);
 size_t gd_model_parameter_count (const GdModel *model);
-/* Value of a __metadata__ key of the file the model came from, or NULL. */
+/* Value of a metadata key: one set with gd_model_set_metadata, else the __metadata__ of
+ * the safetensors file the model came from, else NULL. */
 const char *gd_model_get_metadata (const GdModel *model, const char *key);
+void gd_model_set_metadata (GdModel *model, const char *key, const char *value);
+/* Keeps `owner` (e.g. the mapping that parameter data points into) alive as long as the
+ * model; `destroy` is called on it when the model is freed. */
+void gd_model_set_data_owner (GdModel *model, gpointer owner, GDestroyNotify destroy);
 
 /* Checks that an input of n x c x h x w (and labels y when given) fits the model. */
 gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,

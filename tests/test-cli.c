@@ -299,6 +299,17 @@ test_bad_input (void)
   expect_failure ("missing model file", "no-such-model.safetensors", out,
                   "--model", "no-such-model.safetensors", NULL);
 
+  char *gray_model = ref_path ("unet/gray28_uncond", "model.safetensors");
+  char *list = g_build_filename (reference, "..", "labels", "fashion-mnist.tsv", NULL);
+  expect_failure ("unknown label from a list file", "close matches: 'Shirt' (6)", out,
+                  "--model", gray_model, "--classifier", gray_classifier, "--labels", list,
+                  "--label", "shirts", NULL);
+  expect_failure ("missing list file", "no-such-list.tsv", out, "--model", gray_model,
+                  "--classifier", gray_classifier, "--labels", "no-such-list.tsv",
+                  "--label", "Shirt", NULL);
+  g_free (gray_model);
+  g_free (list);
+
   /* a label that exists works, case-insensitively */
   char *err = NULL;
   int status = run_guided (&err, NULL, "sample", "--model", model, "--classifier", labelled,

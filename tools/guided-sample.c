@@ -209,7 +209,7 @@ out:
 /* ---- generation ---- */
 
 typedef struct {
-  char *model, *classifier, *label, *respacing, *sampler, *output, *tensor, *replay, *trace;
+  char *model, *classifier, *label, *labels_file, *respacing, *sampler, *output, *tensor, *replay, *trace;
   int class_index, steps, batch;
   double scale, eta;
   gint64 seed;
@@ -299,13 +299,14 @@ generate (Options *opt, GError **error)
   int chosen = opt->class_index;
   if (opt->label)
     {
-      const char *origin = NULL;
-      labels = find_labels (classifier, model, &origin, error);
+      const char *origin = opt->labels_file;
+      labels = opt->labels_file ? gd_labels_read_tsv (opt->labels_file, error)
+                                : find_labels (classifier, model, &origin, error);
       if (!labels)
         {
           if (error && !*error)
             g_set_error (error, GD_ERROR, GD_ERROR_INPUT,
-                         "--label needs a model or classifier with a label list; use --class N");
+                         "--label needs a model or classifier with a label list (or --labels FILE); use --class N");
           goto out;
         }
       chosen = gd_labels_lookup (labels, opt->label, origin, error);
@@ -390,6 +391,7 @@ guided_sample_main (int argc, char **argv)
     { "classifier", 'c', 0, G_OPTION_ARG_FILENAME, &opt.classifier, "Noisy classifier that guides", "FILE" },
     { "class", 0, 0, G_OPTION_ARG_INT, &opt.class_index, "Class index to guide toward", "N" },
     { "label", 'l', 0, G_OPTION_ARG_STRING, &opt.label, "Class name from the model's label list", "NAME" },
+    { "labels", 0, 0, G_OPTION_ARG_FILENAME, &opt.labels_file, "Label list (index<TAB>name per line) for --label, instead of the model's", "FILE" },
     { "scale", 's', 0, G_OPTION_ARG_DOUBLE, &opt.scale, "Guidance scale (default 1; 0 = no guidance)", "S" },
     { "steps", 'n', 0, G_OPTION_ARG_INT, &opt.steps, "Sampling steps (default 50)", "N" },
     { "respacing", 0, 0, G_OPTION_ARG_STRING, &opt.respacing, "Timestep respacing: 250, ddim25, 10,15,20", "STR" },
@@ -450,6 +452,7 @@ done:
   g_free (opt.model);
   g_free (opt.classifier);
   g_free (opt.label);
+  g_free (opt.labels_file);
   g_free (opt.respacing);
   g_free (opt.sampler);
   g_free (opt.output);
