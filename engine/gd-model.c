@@ -90,7 +90,7 @@ typedef struct {
 typedef struct {
   GPtrArray *layers;    /* Layer* */
   int skip_channels;    /* output blocks: channels of the concatenated skip */
-  Buf concat, dconcat;
+  Buf concat, dskip;     /* output blocks: the concat input; input blocks: gradient of the skip */
   const float *out;
   int c, h, w;
 } Block;
@@ -121,8 +121,10 @@ struct GdModel {
 
   /* activations of the last forward */
   int n, h, w;
+  gboolean grads;             /* parameter gradients are being accumulated */
+  const int64_t *labels;      /* y of the last forward (class-conditional U-Nets) */
   Buf temb, e1, e1s, emb, head_norm, head_silu, head_stats, pooled, pool_qkv_buf,
-      pool_probs, pool_att, pool_out, work, dhead, dtmp, dtmp2, demb;
+      pool_probs, pool_att, pool_out, work, dhead, dtmp, dtmp2, demb, de1;
   const float *trunk_out;
   int trunk_h, trunk_w;
 };
@@ -223,7 +225,7 @@ block_free (gpointer data)
   Block *b = data;
   g_ptr_array_unref (b->layers);
   buf_clear (&b->concat);
-  buf_clear (&b->dconcat);
+  buf_clear (&b->dskip);
   g_free (b);
 }
 
@@ -562,7 +564,7 @@ gd_model_free (GdModel *m)
   g_ptr_array_unref (m->params);
   Buf *bufs[] = { &m->temb, &m->e1, &m->e1s, &m->emb, &m->head_norm, &m->head_silu,
                   &m->head_stats, &m->pooled, &m->pool_qkv_buf, &m->pool_probs, &m->pool_att,
-                  &m->pool_out, &m->work, &m->dhead, &m->dtmp, &m->dtmp2, &m->demb };
+                  &m->pool_out, &m->work, &m->dhead, &m->dtmp, &m->dtmp2, &m->demb, &m->de1 };
   for (guint i = 0; i < G_N_ELEMENTS (bufs); i++)
     buf_clear (bufs[i]);
   gd_safetensors_free (m->file);
@@ -1230,8 +1232,12 @@ unet_forward (GdModel *m, const float *x, int n, int h, int w, const float *emb,
   size_t size = (size_t) n * c * h * w;
   float *normed = buf_get (&m->head_norm, size);
   norm_forward (&m->out_norm, x, n, h * w, normed, buf_get (&m->head_stats, 2 * n * GROUPS));
-  gd_silu_forward (normed, size, normed);
-  conv_forward (m, &m->out_conv, normed, n, h, w, out);
+  float *act = buf_get (&m->head_silu, size);
+  gd_silu_forward (normed, size, act);
+  m->trunk_out = x;   /* for a U-Net: the input of the output head */
+  m->trunk_h = h;
+  m->trunk_w = w;
+  conv_forward (m, &m->out_conv, act, n, h, w, out);
 }
 
 /* The classifier head: GroupNorm, SiLU, then adaptive average pooling + 1x1 conv, or
@@ -1343,6 +1349,7 @@ gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
   m->n = n;
   m->h = h;
   m->w = w;
+  m->labels = m->cfg.kind == GD_MODEL_UNET ? y : NULL;
   const float *emb = embed (m, t, m->cfg.kind == GD_MODEL_UNET ? y : NULL, n);
   if (m->cfg.kind == GD_MODEL_UNET)
     unet_forward (m, x, n, h, w, emb, out);
@@ -1353,6 +1360,115 @@ gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
       classifier_head_forward (m, features, n, th, tw, out);
     }
   return TRUE;
+}
+
+/* Backward of emb = time_embed(timestep_embedding(t)) (+ label_emb(y)): parameter
+ * gradients only (t and y are integers). */
+static void
+embed_backward (GdModel *m, const float *demb, int n)
+{
+  int mc = m->cfg.model_channels, E = m->emb_dim;
+  if (m->label_emb && m->label_emb->grad && m->labels)
+    for (int i = 0; i < n; i++)
+      gd_accumulate (m->label_emb->grad + (size_t) m->labels[i] * E, demb + (size_t) i * E, E);
+  float *de1 = buf_get (&m->de1, (size_t) n * E);
+  gd_linear_backward (m->e1s.data, n, E, m->time_embed2.weight->data, E, demb, de1,
+                      m->time_embed2.weight->grad, m->time_embed2.bias->grad);
+  gd_silu_backward (m->e1.data, (size_t) n * E, de1, de1);
+  gd_linear_backward (m->temb.data, n, mc, m->time_embed0.weight->data, E, de1, NULL,
+                      m->time_embed0.weight->grad, m->time_embed0.bias->grad);
+}
+
+/* dout: gradient at the U-Net output -> gradient at its input, through the output head,
+ * the output blocks (splitting each concatenation into the running path and its skip),
+ * the middle block and the input blocks (each receiving its skip gradient as well). */
+static const float *
+unet_backward (GdModel *m, const float *dout, float *demb)
+{
+  int n = m->n, h = m->trunk_h, w = m->trunk_w, c = m->final_channels;
+  size_t size = (size_t) n * c * h * w;
+  float *dact = buf_get (&m->dtmp, size);
+  conv_backward (m, &m->out_conv, m->head_silu.data, n, h, w, dout, dact);
+  gd_silu_backward (m->head_norm.data, size, dact, dact);
+  float *dh = buf_get (&m->dhead, size);
+  norm_backward (&m->out_norm, m->trunk_out, n, h * w, m->head_stats.data, dact, dh);
+  const float *dy = dh;
+  guint blocks = m->output_blocks->len;
+  for (guint i = blocks; i-- > 0;)
+    {
+      Block *b = m->output_blocks->pdata[i];
+      Block *skip = m->input_blocks->pdata[blocks - 1 - i];
+      Layer *first = b->layers->pdata[0];
+      const float *dcat = block_backward (m, b, dy, demb);
+      int running = first->cin - b->skip_channels;
+      size_t hw = (size_t) first->h * first->w;
+      float *dskip = buf_get (&skip->dskip, (size_t) n * b->skip_channels * hw);
+      float *drun = buf_get (&b->dskip, (size_t) n * running * hw);
+      for (int j = 0; j < n; j++)
+        {
+          const float *src = dcat + (size_t) j * first->cin * hw;
+          memcpy (drun + (size_t) j * running * hw, src, sizeof (float) * running * hw);
+          memcpy (dskip + (size_t) j * b->skip_channels * hw, src + (size_t) running * hw,
+                  sizeof (float) * b->skip_channels * hw);
+        }
+      dy = drun;
+    }
+  dy = block_backward (m, m->middle, dy, demb);
+  for (guint j = m->input_blocks->len; j-- > 0;)
+    {
+      Block *b = m->input_blocks->pdata[j];
+      /* d out_j = d (input of the next block) + d skip_j, summed in the next block's
+       * input-gradient buffer, which nothing reads again */
+      float *sum = (float *) dy;
+      gd_accumulate (sum, b->dskip.data, (size_t) n * b->c * b->h * b->w);
+      dy = block_backward (m, b, sum, demb);
+    }
+  return dy;
+}
+
+gboolean
+gd_model_backward (GdModel *m, const float *dout, float *dx)
+{
+  int n = m->n;
+  float *demb = m->grads ? buf_zero (&m->demb, (size_t) n * m->emb_dim) : NULL;
+  const float *dy;
+  if (m->cfg.kind == GD_MODEL_UNET)
+    dy = unet_backward (m, dout, demb);
+  else
+    {
+      dy = classifier_head_backward (m, dout, n, m->trunk_h, m->trunk_w);
+      dy = block_backward (m, m->middle, dy, demb);
+      for (guint i = m->input_blocks->len; i-- > 0;)
+        dy = block_backward (m, m->input_blocks->pdata[i], dy, demb);
+    }
+  if (demb)
+    embed_backward (m, demb, n);
+  if (dx)
+    memcpy (dx, dy, sizeof (float) * (size_t) n * m->cfg.in_channels * m->h * m->w);
+  return TRUE;
+}
+
+void
+gd_model_enable_grads (GdModel *m)
+{
+  for (guint i = 0; i < m->params->len; i++)
+    {
+      GdParam *p = m->params->pdata[i];
+      if (!p->grad)
+        p->grad = g_new0 (float, p->numel);
+    }
+  m->grads = TRUE;
+}
+
+void
+gd_model_zero_grads (GdModel *m)
+{
+  for (guint i = 0; i < m->params->len; i++)
+    {
+      GdParam *p = m->params->pdata[i];
+      if (p->grad)
+        memset (p->grad, 0, sizeof (float) * p->numel);
+    }
 }
 
 gboolean
@@ -1388,11 +1504,7 @@ gd_classifier_gradient (GdModel *m, const float *x, int n, int h, int w,
             float *d = &dlogits[(size_t) i * classes + k];
             *d = (k == y[i] ? 1.0f : 0.0f) - expf (*d);
           }
-      const float *dy = classifier_head_backward (m, dlogits, n, m->trunk_h, m->trunk_w);
-      dy = block_backward (m, m->middle, dy, NULL);
-      for (guint i = m->input_blocks->len; i-- > 0;)
-        dy = block_backward (m, m->input_blocks->pdata[i], dy, NULL);
-      memcpy (grad, dy, sizeof (float) * (size_t) n * cfg->in_channels * h * w);
+      gd_model_backward (m, dlogits, grad);
       g_free (dlogits);
     }
   if (!logits)

@@ -92,6 +92,15 @@ gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,
 gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
                            const int64_t *t, const int64_t *y, float *out, GError **error);
 
+/* Backward pass of the last gd_model_forward (its inputs must still be alive):
+ * dout is the gradient at the output ([n, out_channels, h, w] or [n, classes]); writes the
+ * input gradient to dx (may be NULL) and accumulates parameter gradients when enabled. */
+gboolean gd_model_backward (GdModel *model, const float *dout, float *dx);
+/* Allocates (zeroed) gradients for every parameter; from then on backward passes
+ * accumulate into them. */
+void gd_model_enable_grads (GdModel *model);
+void gd_model_zero_grads (GdModel *model);
+
 /* Classifier guidance gradient: grad = d/dx sum_i log_softmax(classifier(x_i, t_i))[y_i],
  * by a backward pass through every layer.  logits ([n, classes]) may be NULL. */
 gboolean gd_classifier_gradient (GdModel *model, const float *x, int n, int h, int w,
