@@ -658,6 +658,62 @@ gd_model_init_random (GdModel *m, uint64_t seed)
     }
 }
 
+static gboolean
+zero_initialised (const char *name)
+{
+  return strstr (name, ".out_layers.3.") || strstr (name, ".proj_out.")
+         || g_str_has_prefix (name, "out.2.weight") || g_str_has_prefix (name, "out.2.bias")
+         || g_str_has_prefix (name, "out.3.");
+}
+
+void
+gd_model_init_training (GdModel *m, uint64_t seed)
+{
+  for (guint i = 0; i < m->params->len; i++)
+    {
+      GdParam *p = m->params->pdata[i];
+      if (p->owns_data)
+        g_free (p->data);
+      p->data = g_new (float, p->numel);
+      p->owns_data = TRUE;
+      gboolean is_bias = g_str_has_suffix (p->name, ".bias");
+      if (zero_initialised (p->name))
+        memset (p->data, 0, sizeof (float) * p->numel);
+      else if (g_str_has_suffix (p->name, "positional_embedding") || g_str_has_prefix (p->name, "label_emb"))
+        {
+          gd_random_normal (seed, i, p->data, p->numel);
+          if (g_str_has_suffix (p->name, "positional_embedding"))
+            for (size_t j = 0; j < p->numel; j++)
+              p->data[j] /= sqrtf ((float) p->shape[0]);
+        }
+      else
+        {
+          /* a bias shares its layer's fan-in, found from the weight of the same layer;
+           * GroupNorm is the layer whose weight is 1-D */
+          GdParam *weight = p;
+          if (is_bias)
+            {
+              char *stem = g_strndup (p->name, strlen (p->name) - strlen (".bias"));
+              char *weight_name = g_strconcat (stem, ".weight", NULL);
+              weight = g_hash_table_lookup (m->param_by_name, weight_name);
+              g_free (stem);
+              g_free (weight_name);
+            }
+          if (weight && weight->ndim == 1)
+            {
+              for (size_t j = 0; j < p->numel; j++)
+                p->data[j] = is_bias ? 0.0f : 1.0f;
+              continue;
+            }
+          size_t fan_in = weight ? weight->numel / (size_t) weight->shape[0] : 1;
+          float bound = 1.0f / sqrtf ((float) fan_in);
+          gd_random_uniform (seed, i, p->data, p->numel);
+          for (size_t j = 0; j < p->numel; j++)
+            p->data[j] = bound * (2.0f * p->data[j] - 1.0f);
+        }
+    }
+}
+
 /* ---- loading ---- */
 
 static char *

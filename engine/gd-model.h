@@ -67,6 +67,11 @@ void gd_model_free (GdModel *model);
  * biases uniform in +-1/sqrt(fan_in), norm scales near 1, embeddings normal.  For tests,
  * benchmarks and the start of training. */
 void gd_model_init_random (GdModel *model, uint64_t seed);
+/* The reference's initialisation for training from scratch: PyTorch's default
+ * uniform(+-1/sqrt(fan_in)) for weights and biases, GroupNorm scale 1 and shift 0, normal
+ * embeddings, and zeros for the layers the reference zero-initialises (the last conv of
+ * each ResBlock, attention output projections, the output layer). */
+void gd_model_init_training (GdModel *model, uint64_t seed);
 
 const GdModelConfig *gd_model_get_config (const GdModel *model);
 const char *gd_model_get_origin (const GdModel *model);

@@ -191,8 +191,11 @@ gd_train_classifier_loss (GdModel *model, const GdDiffusion *d, const float *x_s
   int64_t *timesteps = g_new (int64_t, n);
   for (int i = 0; i < n; i++)
     {
-      gd_diffusion_q_sample (d, (int) t[i], x_start + i * per_image, noise + i * per_image,
-                             per_image, x_t + i * per_image);
+      if (noise)
+        gd_diffusion_q_sample (d, (int) t[i], x_start + i * per_image, noise + i * per_image,
+                               per_image, x_t + i * per_image);
+      else
+        memcpy (x_t + i * per_image, x_start + i * per_image, sizeof (float) * per_image);
       timesteps[i] = d->timestep_map[t[i]];
     }
   gboolean ok = gd_model_forward (model, x_t, n, h, w, timesteps, NULL, logits, error);

@@ -24,7 +24,8 @@ gboolean gd_train_diffusion_loss (GdModel *model, const GdDiffusion *diffusion,
                                   GError **error);
 
 /* The noisy classifier's loss: mean cross-entropy of classifier(q_sample(x_start, t, noise), t)
- * against y.  x_t and logits may be NULL. */
+ * against y.  noise NULL trains on the clean images (x_t = x_start).  x_t and logits may
+ * be NULL. */
 gboolean gd_train_classifier_loss (GdModel *model, const GdDiffusion *diffusion,
                                    const float *x_start, const float *noise, const int64_t *t,
                                    const int64_t *y, int n, float *x_t, float *logits,

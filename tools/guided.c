@@ -13,6 +13,7 @@ static const struct {
   const char *summary;
 } commands[] = {
   { "sample", guided_sample_main, "generate images, guided by a classifier" },
+  { "train", guided_train_main, "train a diffusion model or a noisy classifier" },
   { "forward", guided_forward_main, "run a model on the tensors of a safetensors file" },
 };
 

@@ -3,3 +3,4 @@
 
 int guided_forward_main (int argc, char **argv);
 int guided_sample_main (int argc, char **argv);
+int guided_train_main (int argc, char **argv);
