@@ -13,32 +13,34 @@ conv_out_size (int size, int k, int stride, int pad)
   return (size + 2 * pad - k) / stride + 1;
 }
 
-static gboolean
-conv_is_pointwise (int k, int stride, int pad)
-{
-  return k == 1 && stride == 1 && pad == 0;
-}
-
+/* All images of a batch go through one GEMM: the columns of every image side by side
+ * ([cin k k, n ho wo]), so that the matrix product is large enough to run at full speed
+ * on every core; then the [cout, n ho wo] result is scattered back to NCHW. */
 size_t
-gd_conv2d_work_size (int cin, int h, int w, int k, int stride, int pad)
+gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad)
 {
-  if (conv_is_pointwise (k, stride, pad))
-    return 0;
-  size_t rows = (size_t) cin * k * k;
-  size_t cols = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
-  return 2 * rows * cols;  /* the column matrix and its gradient */
+  size_t depth = (size_t) cin * k * k;
+  size_t columns = (size_t) n * conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  return (depth + (size_t) cout) * columns;
 }
 
-/* col[(ci, ky, kx), (oy, ox)] = x[ci, oy * stride + ky - pad, ox * stride + kx - pad] or 0. */
+/* col[(ci, ky, kx), column + (oy, ox)] = x[ci, oy stride + ky - pad, ox stride + kx - pad]
+ * or 0 outside the image; ld is the row length of col. */
 static void
-im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float *col)
+im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float *col, size_t ld)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   for (int ci = 0; ci < cin; ci++)
     for (int ky = 0; ky < k; ky++)
       for (int kx = 0; kx < k; kx++)
         {
-          float *row = col + (((size_t) ci * k + ky) * k + kx) * ho * wo;
+          float *row = col + (((size_t) ci * k + ky) * k + kx) * ld;
+          /* the output columns whose input column lies inside the image */
+          int first = 0, last = wo;
+          while (first < wo && first * stride + kx - pad < 0)
+            first++;
+          while (last > first && (last - 1) * stride + kx - pad >= w)
+            last--;
           for (int oy = 0; oy < ho; oy++)
             {
               int iy = oy * stride + ky - pad;
@@ -48,19 +50,23 @@ im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float
                   memset (dst, 0, sizeof (float) * wo);
                   continue;
                 }
-              const float *src = x + ((size_t) ci * h + iy) * w;
-              for (int ox = 0; ox < wo; ox++)
-                {
-                  int ix = ox * stride + kx - pad;
-                  dst[ox] = (ix >= 0 && ix < w) ? src[ix] : 0.0f;
-                }
+              const float *src = x + ((size_t) ci * h + iy) * w + kx - pad;
+              for (int ox = 0; ox < first; ox++)
+                dst[ox] = 0.0f;
+              if (stride == 1)
+                memcpy (dst + first, src + first, sizeof (float) * (last - first));
+              else
+                for (int ox = first; ox < last; ox++)
+                  dst[ox] = src[ox * stride];
+              for (int ox = last; ox < wo; ox++)
+                dst[ox] = 0.0f;
             }
         }
 }
 
 /* The adjoint of im2col: dx[ci, iy, ix] = sum of the col entries that read it. */
 static void
-col2im (const float *col, int cin, int h, int w, int k, int stride, int pad, float *dx)
+col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, int pad, float *dx)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   memset (dx, 0, sizeof (float) * (size_t) cin * h * w);
@@ -68,22 +74,61 @@ col2im (const float *col, int cin, int h, int w, int k, int stride, int pad, flo
     for (int ky = 0; ky < k; ky++)
       for (int kx = 0; kx < k; kx++)
         {
-          const float *row = col + (((size_t) ci * k + ky) * k + kx) * ho * wo;
+          const float *row = col + (((size_t) ci * k + ky) * k + kx) * ld;
+          int first = 0, last = wo;
+          while (first < wo && first * stride + kx - pad < 0)
+            first++;
+          while (last > first && (last - 1) * stride + kx - pad >= w)
+            last--;
           for (int oy = 0; oy < ho; oy++)
             {
               int iy = oy * stride + ky - pad;
               if (iy < 0 || iy >= h)
                 continue;
-              float *dst = dx + ((size_t) ci * h + iy) * w;
+              float *dst = dx + ((size_t) ci * h + iy) * w + kx - pad;
               const float *src = row + (size_t) oy * wo;
-              for (int ox = 0; ox < wo; ox++)
-                {
-                  int ix = ox * stride + kx - pad;
-                  if (ix >= 0 && ix < w)
-                    dst[ix] += src[ox];
-                }
+              for (int ox = first; ox < last; ox++)
+                dst[ox * stride] += src[ox];
             }
         }
+}
+
+/* [n, c, s] <-> [c, n s] */
+static void
+gather_channels (const float *x, int n, int c, int spatial, float *out)
+{
+  for (int i = 0; i < n; i++)
+    for (int ch = 0; ch < c; ch++)
+      memcpy (out + ((size_t) ch * n + i) * spatial, x + ((size_t) i * c + ch) * spatial,
+              sizeof (float) * spatial);
+}
+
+static void
+scatter_channels (const float *in, int n, int c, int spatial, float *x)
+{
+  for (int i = 0; i < n; i++)
+    for (int ch = 0; ch < c; ch++)
+      memcpy (x + ((size_t) i * c + ch) * spatial, in + ((size_t) ch * n + i) * spatial,
+              sizeof (float) * spatial);
+}
+
+static gboolean
+conv_is_pointwise (int k, int stride, int pad)
+{
+  return k == 1 && stride == 1 && pad == 0;
+}
+
+/* The columns of all n images: [cin k k, n ho wo]. */
+static void
+batch_columns (const float *x, int n, int cin, int h, int w, int k, int stride, int pad, float *col)
+{
+  int spatial = conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  size_t ld = (size_t) n * spatial;
+  if (conv_is_pointwise (k, stride, pad))
+    gather_channels (x, n, cin, spatial, col);
+  else
+    for (int i = 0; i < n; i++)
+      im2col (x + (size_t) i * cin * h * w, cin, h, w, k, stride, pad, col + (size_t) i * spatial, ld);
 }
 
 void
@@ -93,27 +138,35 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
-  for (int i = 0; i < n; i++)
+  size_t columns = (size_t) n * spatial;
+  if (n == 1 && conv_is_pointwise (k, stride, pad))
     {
-      const float *xi = x + (size_t) i * cin * h * w;
-      float *yi = y + (size_t) i * cout * spatial;
-      const float *col = xi;
-      if (!conv_is_pointwise (k, stride, pad))
-        {
-          im2col (xi, cin, h, w, k, stride, pad, work);
-          col = work;
-        }
+      /* one image of a 1x1 convolution is already in column form */
       float beta = 0.0f;
       if (bias)
         {
           for (int co = 0; co < cout; co++)
             for (int s = 0; s < spatial; s++)
-              yi[(size_t) co * spatial + s] = bias[co];
+              y[(size_t) co * spatial + s] = bias[co];
           beta = 1.0f;
         }
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, cout, spatial, depth,
-                   1.0f, weight, depth, col, spatial, beta, yi, spatial);
+                   1.0f, weight, depth, x, spatial, beta, y, spatial);
+      return;
     }
+  float *col = work, *product = work + (size_t) depth * columns;
+  batch_columns (x, n, cin, h, w, k, stride, pad, col);
+  float beta = 0.0f;
+  if (bias)
+    {
+      for (int co = 0; co < cout; co++)
+        for (size_t s = 0; s < columns; s++)
+          product[(size_t) co * columns + s] = bias[co];
+      beta = 1.0f;
+    }
+  cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, cout, (int) columns, depth,
+               1.0f, weight, depth, col, (int) columns, beta, product, (int) columns);
+  scatter_channels (product, n, cout, spatial, y);
 }
 
 void
@@ -123,40 +176,35 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
-  gboolean pointwise = conv_is_pointwise (k, stride, pad);
-  float *col = work, *dcol = work ? work + (size_t) depth * spatial : NULL;
-  for (int i = 0; i < n; i++)
+  size_t columns = (size_t) n * spatial;
+  float *col = work, *dy_columns = work + (size_t) depth * columns;
+  gather_channels (dy, n, cout, spatial, dy_columns);
+  if (dbias)
+    for (int co = 0; co < cout; co++)
+      {
+        double sum = 0.0;
+        const float *row = dy_columns + (size_t) co * columns;
+        for (size_t s = 0; s < columns; s++)
+          sum += row[s];
+        dbias[co] += (float) sum;
+      }
+  if (dweight)
     {
-      const float *xi = x + (size_t) i * cin * h * w;
-      const float *dyi = dy + (size_t) i * cout * spatial;
-      if (dbias)
-        for (int co = 0; co < cout; co++)
-          {
-            double sum = 0.0;
-            for (int s = 0; s < spatial; s++)
-              sum += dyi[(size_t) co * spatial + s];
-            dbias[co] += (float) sum;
-          }
-      if (dweight)
-        {
-          const float *coli = xi;
-          if (!pointwise)
-            {
-              im2col (xi, cin, h, w, k, stride, pad, col);
-              coli = col;
-            }
-          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, cout, depth, spatial,
-                       1.0f, dyi, spatial, coli, spatial, 1.0f, dweight, depth);
-        }
-      if (dx)
-        {
-          float *dxi = dx + (size_t) i * cin * h * w;
-          float *target = pointwise ? dxi : dcol;
-          cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, depth, spatial, cout,
-                       1.0f, weight, depth, dyi, spatial, 0.0f, target, spatial);
-          if (!pointwise)
-            col2im (dcol, cin, h, w, k, stride, pad, dxi);
-        }
+      batch_columns (x, n, cin, h, w, k, stride, pad, col);
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, cout, depth, (int) columns,
+                   1.0f, dy_columns, (int) columns, col, (int) columns, 1.0f, dweight, depth);
+    }
+  if (dx)
+    {
+      /* dcol = W^T dY, in the column buffer that dW no longer needs */
+      cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, depth, (int) columns, cout,
+                   1.0f, weight, depth, dy_columns, (int) columns, 0.0f, col, (int) columns);
+      if (conv_is_pointwise (k, stride, pad))
+        scatter_channels (col, n, cin, spatial, dx);
+      else
+        for (int i = 0; i < n; i++)
+          col2im (col + (size_t) i * spatial, columns, cin, h, w, k, stride, pad,
+                  dx + (size_t) i * cin * h * w);
     }
 }
 

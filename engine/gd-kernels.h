@@ -6,10 +6,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Convolution with a square kernel k, zero padding pad, stride stride, as im2col + sgemm.
- * weight: [cout, cin, k, k]; bias: [cout] or NULL.  Output size: (h + 2 pad - k) / stride + 1.
- * work: scratch of gd_conv2d_work_size() floats (may be NULL when that is 0). */
-size_t gd_conv2d_work_size (int cin, int h, int w, int k, int stride, int pad);
+/* Convolution with a square kernel k, zero padding pad, stride stride, as im2col + one
+ * sgemm for the whole batch.  weight: [cout, cin, k, k]; bias: [cout] or NULL.
+ * Output size: (h + 2 pad - k) / stride + 1.  work: scratch of gd_conv2d_work_size() floats. */
+size_t gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad);
 void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                         const float *weight, const float *bias, int cout,
                         int k, int stride, int pad, float *y, float *work);

@@ -839,7 +839,7 @@ gd_model_load (const char *path, GError **error)
 static void
 conv_forward (GdModel *m, const Conv *c, const float *x, int n, int h, int w, float *y)
 {
-  float *work = buf_get (&m->work, MAX (1, gd_conv2d_work_size (c->cin, h, w, c->k, c->stride, c->pad)));
+  float *work = buf_get (&m->work, gd_conv2d_work_size (c->cin, c->cout, n, h, w, c->k, c->stride, c->pad));
   gd_conv2d_forward (x, n, c->cin, h, w, c->weight->data, c->bias->data, c->cout,
                      c->k, c->stride, c->pad, y, work);
 }
@@ -848,7 +848,7 @@ static void
 conv_backward (GdModel *m, const Conv *c, const float *x, int n, int h, int w,
                const float *dy, float *dx)
 {
-  float *work = buf_get (&m->work, MAX (1, gd_conv2d_work_size (c->cin, h, w, c->k, c->stride, c->pad)));
+  float *work = buf_get (&m->work, gd_conv2d_work_size (c->cin, c->cout, n, h, w, c->k, c->stride, c->pad));
   gd_conv2d_backward (x, n, c->cin, h, w, c->weight->data, c->cout, c->k, c->stride, c->pad,
                       dy, dx, c->weight->grad, c->bias->grad, work);
 }

@@ -170,7 +170,9 @@ test_thread_count_determinism (void)
     }
 }
 
-/* Image j of a batch with seed S is the single image of seed S + j. */
+/* Image j of a batch with seed S is the single image of seed S + j: the same random
+ * numbers, and the same arithmetic up to float rounding (a batch runs each layer as one
+ * larger matrix product, whose blocking differs from a single image's). */
 static void
 test_batch_position_independence (void)
 {
@@ -180,7 +182,11 @@ test_batch_position_independence (void)
   float *batch = sample_tensor (NULL, "20", "3", "10", "ddpm", &n_batch);
   float *single = sample_tensor (NULL, "22", "1", "10", "ddpm", &n_single);
   g_assert_cmpint (n_batch, ==, 3 * n_single);
-  g_assert_cmpint (memcmp (batch + 2 * n_single, single, sizeof (float) * n_single), ==, 0);
+  double worst = 0.0;
+  for (int64_t i = 0; i < n_single; i++)
+    worst = MAX (worst, fabs (batch[2 * n_single + i] - single[i]));
+  g_test_message ("batch image 2 vs single image: max |a - b| = %.3g", worst);
+  g_assert_cmpfloat (worst, <=, 1e-4);
   g_free (batch);
   g_free (single);
 }

@@ -91,7 +91,7 @@ check_conv (int k, int stride, int pad)
   c.bias = random_buffer (c.cout, 0.5f);
   c.r = random_buffer (ys, 1);
   c.y = g_new (float, ys);
-  c.work = g_new (float, MAX (1, gd_conv2d_work_size (c.cin, c.h, c.w, k, stride, pad)));
+  c.work = g_new (float, gd_conv2d_work_size (c.cin, c.cout, c.n, c.h, c.w, k, stride, pad));
   float *dx = g_new (float, xs), *dw = g_new0 (float, ws), *db = g_new0 (float, c.cout);
   gd_conv2d_backward (c.x, c.n, c.cin, c.h, c.w, c.weight, c.cout, k, stride, pad, c.r,
                       dx, dw, db, c.work);
