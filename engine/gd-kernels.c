@@ -1,5 +1,7 @@
 #include "gd-kernels.h"
 
+#include "gd-parallel.h"
+
 #include <cblas.h>
 #include <glib.h>
 #include <math.h>
@@ -87,8 +89,12 @@ col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, i
                 continue;
               float *dst = dx + ((size_t) ci * h + iy) * w + kx - pad;
               const float *src = row + (size_t) oy * wo;
-              for (int ox = first; ox < last; ox++)
-                dst[ox * stride] += src[ox];
+              if (stride == 1)
+                for (int ox = first; ox < last; ox++)
+                  dst[ox] += src[ox];
+              else
+                for (int ox = first; ox < last; ox++)
+                  dst[ox * stride] += src[ox];
             }
         }
 }
@@ -97,6 +103,7 @@ col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, i
 static void
 gather_channels (const float *x, int n, int c, int spatial, float *out)
 {
+#pragma omp parallel for
   for (int i = 0; i < n; i++)
     for (int ch = 0; ch < c; ch++)
       memcpy (out + ((size_t) ch * n + i) * spatial, x + ((size_t) i * c + ch) * spatial,
@@ -106,6 +113,7 @@ gather_channels (const float *x, int n, int c, int spatial, float *out)
 static void
 scatter_channels (const float *in, int n, int c, int spatial, float *x)
 {
+#pragma omp parallel for
   for (int i = 0; i < n; i++)
     for (int ch = 0; ch < c; ch++)
       memcpy (x + ((size_t) i * c + ch) * spatial, in + ((size_t) ch * n + i) * spatial,
@@ -127,6 +135,7 @@ batch_columns (const float *x, int n, int cin, int h, int w, int k, int stride, 
   if (conv_is_pointwise (k, stride, pad))
     gather_channels (x, n, cin, spatial, col);
   else
+#pragma omp parallel for
     for (int i = 0; i < n; i++)
       im2col (x + (size_t) i * cin * h * w, cin, h, w, k, stride, pad, col + (size_t) i * spatial, ld);
 }
@@ -150,7 +159,7 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
               y[(size_t) co * spatial + s] = bias[co];
           beta = 1.0f;
         }
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, cout, spatial, depth,
+      gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth,
                    1.0f, weight, depth, x, spatial, beta, y, spatial);
       return;
     }
@@ -164,7 +173,7 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
           product[(size_t) co * columns + s] = bias[co];
       beta = 1.0f;
     }
-  cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, cout, (int) columns, depth,
+  gd_sgemm (CblasNoTrans, CblasNoTrans, cout, (int) columns, depth,
                1.0f, weight, depth, col, (int) columns, beta, product, (int) columns);
   scatter_channels (product, n, cout, spatial, y);
 }
@@ -191,17 +200,18 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   if (dweight)
     {
       batch_columns (x, n, cin, h, w, k, stride, pad, col);
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, cout, depth, (int) columns,
+      gd_sgemm (CblasNoTrans, CblasTrans, cout, depth, (int) columns,
                    1.0f, dy_columns, (int) columns, col, (int) columns, 1.0f, dweight, depth);
     }
   if (dx)
     {
       /* dcol = W^T dY, in the column buffer that dW no longer needs */
-      cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, depth, (int) columns, cout,
+      gd_sgemm (CblasTrans, CblasNoTrans, depth, (int) columns, cout,
                    1.0f, weight, depth, dy_columns, (int) columns, 0.0f, col, (int) columns);
       if (conv_is_pointwise (k, stride, pad))
         scatter_channels (col, n, cin, spatial, dx);
       else
+#pragma omp parallel for
         for (int i = 0; i < n; i++)
           col2im (col + (size_t) i * spatial, columns, cin, h, w, k, stride, pad,
                   dx + (size_t) i * cin * h * w);
@@ -221,7 +231,7 @@ gd_linear_forward (const float *x, int n, int in, const float *weight, const flo
         memcpy (y + (size_t) i * out, bias, sizeof (float) * out);
       beta = 1.0f;
     }
-  cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in,
+  gd_sgemm (CblasNoTrans, CblasTrans, n, out, in,
                1.0f, x, in, weight, in, beta, y, out);
 }
 
@@ -230,10 +240,10 @@ gd_linear_backward (const float *x, int n, int in, const float *weight, int out,
                     const float *dy, float *dx, float *dweight, float *dbias)
 {
   if (dx)
-    cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out,
+    gd_sgemm (CblasNoTrans, CblasNoTrans, n, in, out,
                  1.0f, dy, out, weight, in, 0.0f, dx, in);
   if (dweight)
-    cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n,
+    gd_sgemm (CblasTrans, CblasNoTrans, out, in, n,
                  1.0f, dy, out, x, in, 1.0f, dweight, in);
   if (dbias)
     for (int o = 0; o < out; o++)
@@ -254,6 +264,7 @@ gd_group_norm_forward (const float *x, int n, int c, int hw, int groups,
 {
   int cg = c / groups;
   size_t count = (size_t) cg * hw;
+#pragma omp parallel for collapse(2)
   for (int i = 0; i < n; i++)
     for (int g = 0; g < groups; g++)
       {
@@ -293,8 +304,11 @@ gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
 {
   int cg = c / groups;
   size_t count = (size_t) cg * hw;
-  for (int i = 0; i < n; i++)
-    for (int g = 0; g < groups; g++)
+  /* groups own disjoint channels, so their dgamma and dbeta sums never collide; the
+   * images of a group are summed in order */
+#pragma omp parallel for
+  for (int g = 0; g < groups; g++)
+    for (int i = 0; i < n; i++)
       {
         size_t base = ((size_t) i * c + (size_t) g * cg) * hw;
         double mu = mean[i * groups + g], r = rstd[i * groups + g];
@@ -341,6 +355,7 @@ gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
 void
 gd_scale_shift_forward (const float *x, int n, int c, int hw, const float *ss, float *y)
 {
+#pragma omp parallel for collapse(2)
   for (int i = 0; i < n; i++)
     for (int ch = 0; ch < c; ch++)
       {
@@ -356,6 +371,7 @@ void
 gd_scale_shift_backward (const float *x, int n, int c, int hw, const float *ss,
                          const float *dy, float *dx, float *dss)
 {
+#pragma omp parallel for collapse(2)
   for (int i = 0; i < n; i++)
     for (int ch = 0; ch < c; ch++)
       {
@@ -385,6 +401,7 @@ gd_scale_shift_backward (const float *x, int n, int c, int hw, const float *ss,
 void
 gd_add_channel_bias_forward (const float *x, int n, int c, int hw, const float *b, float *y)
 {
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     for (int s = 0; s < hw; s++)
       y[ic * hw + s] = x[ic * hw + s] + b[ic];
@@ -393,6 +410,7 @@ gd_add_channel_bias_forward (const float *x, int n, int c, int hw, const float *
 void
 gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, float *db)
 {
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     {
       double sum = 0.0;
@@ -410,6 +428,7 @@ gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, 
 void
 gd_silu_forward (const float *x, size_t count, float *y)
 {
+#pragma omp parallel for if (count > 16384)
   for (size_t i = 0; i < count; i++)
     y[i] = x[i] / (1.0f + expf (-x[i]));
 }
@@ -417,6 +436,7 @@ gd_silu_forward (const float *x, size_t count, float *y)
 void
 gd_silu_backward (const float *x, size_t count, const float *dy, float *dx)
 {
+#pragma omp parallel for if (count > 16384)
   for (size_t i = 0; i < count; i++)
     {
       float s = 1.0f / (1.0f + expf (-x[i]));
@@ -430,6 +450,7 @@ void
 gd_avg_pool2_forward (const float *x, int n, int c, int h, int w, float *y)
 {
   int ho = h / 2, wo = w / 2;
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     {
       const float *xc = x + ic * h * w;
@@ -448,6 +469,7 @@ gd_avg_pool2_backward (int n, int c, int h, int w, const float *dy, float *dx)
 {
   int ho = h / 2, wo = w / 2;
   memset (dx, 0, sizeof (float) * (size_t) n * c * h * w);
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     {
       const float *dyc = dy + ic * ho * wo;
@@ -469,6 +491,7 @@ void
 gd_upsample2_forward (const float *x, int n, int c, int h, int w, float *y)
 {
   int wo = 2 * w;
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     {
       const float *xc = x + ic * h * w;
@@ -487,6 +510,7 @@ void
 gd_upsample2_backward (int n, int c, int h, int w, const float *dy, float *dx)
 {
   int wo = 2 * w;
+#pragma omp parallel for
   for (size_t ic = 0; ic < (size_t) n * c; ic++)
     {
       const float *dyc = dy + ic * 4 * h * w;
@@ -550,6 +574,7 @@ gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int leg
 {
   size_t width = (size_t) heads * ch;
   float scale2 = (float) (1.0 / sqrt ((double) ch));
+#pragma omp parallel for collapse(2)
   for (int b = 0; b < n; b++)
     for (int hd = 0; hd < heads; hd++)
       {
@@ -558,12 +583,12 @@ gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int leg
         qkv_rows (heads, ch, L, legacy, hd, &qo, &ko, &vo);
         float *p = probs + ((size_t) b * heads + hd) * L * L;
         /* S[t, s] = sum_c q[c, t] k[c, s] / sqrt(ch) */
-        cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, L, L, ch,
+        gd_sgemm (CblasTrans, CblasNoTrans, L, L, ch,
                      scale2, base + qo, L, base + ko, L, 0.0f, p, L);
         softmax_rows (p, L, L);
         /* a[c, t] = sum_s v[c, s] P[t, s] */
         float *a = out + ((size_t) b * width + (size_t) hd * ch) * L;
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, ch, L, L,
+        gd_sgemm (CblasNoTrans, CblasTrans, ch, L, L,
                      1.0f, base + vo, L, p, L, 0.0f, a, L);
       }
 }
@@ -574,10 +599,11 @@ gd_attention_backward (const float *qkv, int n, int heads, int ch, int L, int le
 {
   size_t width = (size_t) heads * ch;
   float scale2 = (float) (1.0 / sqrt ((double) ch));
-  float *dscore = g_new (float, (size_t) L * L);
+#pragma omp parallel for collapse(2)
   for (int b = 0; b < n; b++)
     for (int hd = 0; hd < heads; hd++)
       {
+        float *dscore = g_new (float, (size_t) L * L);
         const float *base = qkv + (size_t) b * 3 * width * L;
         float *dbase = dqkv + (size_t) b * 3 * width * L;
         size_t qo, ko, vo;
@@ -585,10 +611,10 @@ gd_attention_backward (const float *qkv, int n, int heads, int ch, int L, int le
         const float *p = probs + ((size_t) b * heads + hd) * L * L;
         const float *da = dout + ((size_t) b * width + (size_t) hd * ch) * L;
         /* dV = dA P */
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, L, L,
+        gd_sgemm (CblasNoTrans, CblasNoTrans, ch, L, L,
                      1.0f, da, L, p, L, 0.0f, dbase + vo, L);
         /* dP = dA^T V, then the softmax backward dS = P (dP - rowsum(P dP)) */
-        cblas_sgemm (CblasRowMajor, CblasTrans, CblasNoTrans, L, L, ch,
+        gd_sgemm (CblasTrans, CblasNoTrans, L, L, ch,
                      1.0f, da, L, base + vo, L, 0.0f, dscore, L);
         for (int t = 0; t < L; t++)
           {
@@ -601,12 +627,12 @@ gd_attention_backward (const float *qkv, int n, int heads, int ch, int L, int le
               dr[s] = pr[s] * (dr[s] - (float) dot);
           }
         /* dQ = K dS^T / sqrt(ch), dK = Q dS / sqrt(ch) */
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, ch, L, L,
+        gd_sgemm (CblasNoTrans, CblasTrans, ch, L, L,
                      scale2, base + ko, L, dscore, L, 0.0f, dbase + qo, L);
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, L, L,
+        gd_sgemm (CblasNoTrans, CblasNoTrans, ch, L, L,
                      scale2, base + qo, L, dscore, L, 0.0f, dbase + ko, L);
+        g_free (dscore);
       }
-  g_free (dscore);
 }
 
 /* ---- embeddings and heads ---- */

@@ -1,7 +1,6 @@
 /* guided: the command line of the guided-diffusion engine. */
 #include "guided.h"
 
-#include <cblas.h>
 #include <glib.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -15,6 +14,8 @@ static const struct {
   { "sample", guided_sample_main, "generate images, guided by a classifier" },
   { "train", guided_train_main, "train a diffusion model or a noisy classifier" },
   { "forward", guided_forward_main, "run a model on the tensors of a safetensors file" },
+  { "convert", guided_convert_main, "write a model (.pt or .safetensors) as self-describing safetensors" },
+  { "info", guided_info_main, "describe a model file: release, architecture, diffusion, labels" },
 };
 
 static void
@@ -39,7 +40,6 @@ main (int argc, char **argv)
           fprintf (stderr, "guided: GD_THREADS=%s is not a thread count\n", threads);
           return 2;
         }
-      openblas_set_num_threads ((int) count);
     }
   if (argc < 2)
     {

@@ -3,6 +3,8 @@
 # suite under AddressSanitizer + UndefinedBehaviorSanitizer.  Ends with the line
 # "N passed, N failed".  GD_SKIP_SANITIZERS=1 runs the normal build only.
 set -uo pipefail
+# OpenMP threads wait passively: meson runs several test programs at once on few cores
+export OMP_WAIT_POLICY=passive
 cd "$(dirname "$0")/.."
 bash tools/install-deps.sh || exit 1
 
