@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(
   build-essential meson ninja-build pkg-config
   libglib2.0-dev libjson-glib-dev libopenblas-dev zlib1g-dev libpng-dev
+  libminizip-dev
 )
 missing=()
 for p in "${packages[@]}"; do
