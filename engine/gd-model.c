@@ -1,6 +1,7 @@
 /* The ADM U-Net and the encoder-half classifier of guided diffusion
  * (Dhariwal & Nichol 2021, section 3 and appendix), forward and backward. */
 #include "gd-model.h"
+#include "gd-checkpoint.h"
 #include "gd-error.h"
 #include "gd-kernels.h"
 #include "gd-random.h"
@@ -788,6 +789,9 @@ attach_weights (GdModel *m, GdSafetensors *st, GError **error)
 GdModel *
 gd_model_load (const char *path, GError **error)
 {
+  /* PyTorch checkpoints (zip or legacy pickle stream), told apart by their first bytes */
+  if (gd_torch_file_is_checkpoint (path))
+    return gd_torch_load_model (path, NULL, error);
   GdSafetensors *st = gd_safetensors_open (path, error);
   if (!st)
     return NULL;
