@@ -4,3 +4,5 @@
 int guided_forward_main (int argc, char **argv);
 int guided_sample_main (int argc, char **argv);
 int guided_train_main (int argc, char **argv);
+int guided_convert_main (int argc, char **argv);
+int guided_info_main (int argc, char **argv);
