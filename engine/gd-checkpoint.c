@@ -132,6 +132,12 @@ attach_tensors (GdModel *model, GdTorchFile *file, gboolean shapes_only, gboolea
         {
           p->data = gd_torch_tensor_to_f32 (t);
           p->owns_data = TRUE;
+          if (!p->data)
+            {
+              g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS, "%s: no memory for weight '%s' (%zu values)",
+                           path, p->name, p->numel);
+              return FALSE;
+            }
         }
     }
   if (gd_torch_count (file) != gd_model_n_params (model))

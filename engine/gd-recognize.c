@@ -173,7 +173,7 @@ flag_node (Flags *f, const char *name, GType type)
     return NULL;
   if (!JSON_NODE_HOLDS_VALUE (node) || json_node_get_value_type (node) != type)
     {
-      /* whole numbers written as 0.0 are still numbers */
+      /* a float flag may be written as an integer (dropout 0) */
       if (!(type == G_TYPE_DOUBLE && JSON_NODE_HOLDS_VALUE (node)
             && json_node_get_value_type (node) == G_TYPE_INT64))
         {
@@ -489,6 +489,17 @@ dim (const GdKeyShape *e, int d)
   return e && d < e->ndim ? e->shape[d] : -1;
 }
 
+/* Channel and class counts far beyond any diffusion model are damage; they would also
+ * overflow the architecture's int sizes. */
+#define MAX_SIZE (1 << 20)
+
+static int
+size_dim (const GdKeyShape *e, int d)
+{
+  int64_t v = dim (e, d);
+  return v >= 0 && v <= MAX_SIZE ? (int) v : -1;
+}
+
 /* The scripts' default channel_mult per image size, read backwards. */
 static int
 image_size_from_mult (const GdModelConfig *cfg)
@@ -516,19 +527,19 @@ infer_with_blocks (const Keys *k, GdModelKind kind, int n_input, int r, Inferred
   int levels = n_input / (r + 1);
   const GdKeyShape *time0 = key (k, "time_embed.0.weight"), *stem = key (k, "input_blocks.0.0.weight");
   gd_model_config_init (cfg, kind);
-  cfg->model_channels = (int) dim (time0, 1);
-  cfg->in_channels = (int) dim (stem, 1);
+  cfg->model_channels = size_dim (time0, 1);
+  cfg->in_channels = size_dim (stem, 1);
   cfg->num_res_blocks = r;
   cfg->n_levels = levels;
   cfg->n_attention_resolutions = 0;
   out->has_attention = FALSE;
-  if (levels < 1 || levels > GD_MAX_LEVELS || cfg->model_channels < 1)
+  if (levels < 1 || levels > GD_MAX_LEVELS || cfg->model_channels < 1 || cfg->in_channels < 1)
     return FALSE;
   int down_kind = -1;  /* 0 parameter-free pooling, 1 strided conv, 2 residual block */
   for (int level = 0; level < levels; level++)
     {
       int first = 1 + level * (r + 1);
-      int64_t channels = dim (key (k, "input_blocks.%d.0.in_layers.2.weight", first), 0);
+      int64_t channels = size_dim (key (k, "input_blocks.%d.0.in_layers.2.weight", first), 0);
       gboolean attention = key (k, "input_blocks.%d.1.qkv.weight", first) != NULL;
       if (channels < 1)
         return FALSE;
@@ -536,7 +547,10 @@ infer_with_blocks (const Keys *k, GdModelKind kind, int n_input, int r, Inferred
         if (dim (key (k, "input_blocks.%d.0.in_layers.2.weight", first + j), 0) != channels
             || (key (k, "input_blocks.%d.1.qkv.weight", first + j) != NULL) != attention)
           return FALSE;
+      /* the builder truncates mult * model_channels: never let rounding lose a channel */
       cfg->channel_mult[level] = (double) channels / cfg->model_channels;
+      while ((int64_t) (cfg->channel_mult[level] * cfg->model_channels) < channels)
+        cfg->channel_mult[level] = nextafter (cfg->channel_mult[level], INFINITY);
       if (attention)
         {
           if (cfg->n_attention_resolutions >= GD_MAX_ATTENTION_RESOLUTIONS)
@@ -559,19 +573,19 @@ infer_with_blocks (const Keys *k, GdModelKind kind, int n_input, int r, Inferred
   cfg->use_scale_shift_norm = emb_out == 2 * (int64_t) (cfg->channel_mult[0] * cfg->model_channels);
   if (kind == GD_MODEL_UNET)
     {
-      cfg->out_channels = (int) dim (key (k, "out.2.weight"), 0);
+      cfg->out_channels = size_dim (key (k, "out.2.weight"), 0);
       const GdKeyShape *label = key (k, "label_emb.weight");
-      cfg->num_classes = label ? (int) dim (label, 0) : 0;
+      cfg->num_classes = label ? size_dim (label, 0) : 0;
     }
   else if (key (k, "out.2.positional_embedding"))
     {
       cfg->pool = GD_POOL_ATTENTION;
-      cfg->out_channels = (int) dim (key (k, "out.2.c_proj.weight"), 0);
+      cfg->out_channels = size_dim (key (k, "out.2.c_proj.weight"), 0);
       out->has_attention = TRUE;
       /* positional_embedding: [channels, side^2 + 1] for a side x side final grid */
       int64_t tokens = dim (key (k, "out.2.positional_embedding"), 1) - 1;
       int64_t side = (int64_t) llround (sqrt ((double) MAX (tokens, 0)));
-      if (tokens < 1 || side * side != tokens || side > (1 << 20))
+      if (tokens < 1 || side * side != tokens || side > (1 << 16))
         return FALSE;
       cfg->image_size = (int) (side << (levels - 1));
       out->image_size_known = TRUE;
@@ -579,7 +593,7 @@ infer_with_blocks (const Keys *k, GdModelKind kind, int n_input, int r, Inferred
   else
     {
       cfg->pool = GD_POOL_ADAPTIVE;
-      cfg->out_channels = (int) dim (key (k, "out.3.weight"), 0);
+      cfg->out_channels = size_dim (key (k, "out.3.weight"), 0);
     }
   if (!out->image_size_known)
     {
@@ -588,6 +602,8 @@ infer_with_blocks (const Keys *k, GdModelKind kind, int n_input, int r, Inferred
       if (!out->image_size_known)
         cfg->image_size = 1 << (levels - 1);
     }
+  if (cfg->out_channels < 1 || cfg->num_classes < 0)
+    return FALSE;
   /* heads do not change shapes: one head of any width builds the same weights */
   cfg->num_heads = 1;
   cfg->num_head_channels = cfg->pool == GD_POOL_ATTENTION && kind == GD_MODEL_CLASSIFIER ? 1 : -1;
@@ -717,7 +733,7 @@ describe (const GdModelConfig *cfg)
                           cfg->kind == GD_MODEL_UNET ? "U-Net" : "classifier", cfg->model_channels);
   for (int i = 0; i < cfg->n_levels; i++)
     g_string_append_printf (s, "%s%g", i ? "," : "", cfg->channel_mult[i]);
-  g_string_append_printf (s, ", %d residual blocks per level", cfg->num_res_blocks);
+  g_string_append_printf (s, ", num_res_blocks %d", cfg->num_res_blocks);
   return g_string_free (s, FALSE);
 }
 

@@ -736,19 +736,36 @@ gather (const GdTorchTensor *t, guint8 *out)
       }
 }
 
+/* Converted a slice at a time, so that no second full-size float buffer is needed. */
+#define CONVERT_CHUNK ((size_t) 1 << 20)
+
 float *
 gd_torch_tensor_to_f32 (const GdTorchTensor *t)
 {
-  if (t->dtype == GD_DTYPE_F32)
+  size_t n = (size_t) t->numel, es = gd_dtype_size (t->dtype);
+  float *out = g_try_new (float, MAX (n, 1));
+  if (!out || t->dtype == GD_DTYPE_F32)
     {
-      float *out = g_new (float, MAX (t->numel, 1));
-      gather (t, (guint8 *) out);
+      if (out)
+        gather (t, (guint8 *) out);
       return out;
     }
-  guint8 *raw = g_malloc (MAX ((size_t) t->numel * gd_dtype_size (t->dtype), 1));
+  guint8 *raw = g_try_malloc_n (MAX (n, 1), es);
+  if (!raw)
+    {
+      g_free (out);
+      return NULL;
+    }
   gather (t, raw);
-  GdStTensor view = { .name = t->name, .dtype = t->dtype, .numel = t->numel, .data = raw };
-  float *out = gd_st_tensor_to_f32 (&view);
+  for (size_t done = 0; done < n; done += CONVERT_CHUNK)
+    {
+      size_t count = MIN (CONVERT_CHUNK, n - done);
+      GdStTensor slice = { .name = t->name, .dtype = t->dtype, .numel = (int64_t) count,
+                           .data = raw + done * es };
+      float *part = gd_st_tensor_to_f32 (&slice);
+      memcpy (out + done, part, count * sizeof (float));
+      g_free (part);
+    }
   g_free (raw);
   return out;
 }

@@ -52,7 +52,7 @@ const GdTorchTensor *gd_torch_find (const GdTorchFile *file, const char *name);
  * aligned, little-endian float32 view; else NULL. */
 const float *gd_torch_tensor_f32_in_place (const GdTorchTensor *t);
 /* A new contiguous float32 copy of any tensor (strided views gathered, F16/BF16/F64/I64
- * converted). */
+ * converted); NULL when there is no memory for it (a broadcast view may be huge). */
 float *gd_torch_tensor_to_f32 (const GdTorchTensor *t);
 
 G_END_DECLS

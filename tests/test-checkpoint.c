@@ -670,6 +670,27 @@ test_views (gconstpointer data)
   g_free (path);
 }
 
+/* A broadcast view can describe more values than memory holds: no copy, no abort. */
+static void
+test_huge_view (void)
+{
+  static const float one = 1;
+  PtWriter *w = pt_writer_new ();
+  guint s = pt_writer_add_storage (w, "FloatStorage", &one, 1);
+  pt_writer_add_tensor (w, "huge", s, 0, 2, (int64_t[]) { (int64_t) 1 << 31, (int64_t) 1 << 31 },
+                        (int64_t[]) { 0, 0 }, FALSE);
+  GBytes *bytes = pt_writer_to_bytes (w, PT_ZIP_ALIGNED);
+  GError *error = NULL;
+  GdTorchFile *file = gd_torch_open_bytes (bytes, "huge.pt", &error);
+  g_assert_no_error (error);
+  const GdTorchTensor *t = gd_torch_find (file, "huge");
+  g_assert_cmpint (t->numel, ==, (int64_t) 1 << 62);
+  g_assert_null (gd_torch_tensor_to_f32 (t));
+  gd_torch_free (file);
+  g_bytes_unref (bytes);
+  pt_writer_free (w);
+}
+
 /* An archive saved on a big-endian machine says so; its values are byte-swapped on load. */
 static void
 test_big_endian (void)
@@ -1383,6 +1404,7 @@ main (int argc, char **argv)
       g_free (name);
     }
   g_test_add_func ("/checkpoint/big-endian", test_big_endian);
+  g_test_add_func ("/checkpoint/huge-view", test_huge_view);
   g_test_add_func ("/checkpoint/pickle/refused-globals", test_refused_globals);
   g_test_add_func ("/checkpoint/pickle/bad", test_bad_pickles);
   g_test_add_func ("/checkpoint/pickle/limits", test_pickle_limits);
