@@ -532,7 +532,7 @@ test_official_file (gconstpointer data)
                        json_object_get_boolean_member (flags, "use_new_attention_order"));
     }
   gd_model_free (model);
-  if (guided)
+  if (have_guided ())
     {
       char *out = NULL, *err = NULL;
       int status = run_guided (&out, &err, "info", path, NULL);
