@@ -1508,6 +1508,40 @@ gd_model_backward (GdModel *m, const float *dout, float *dx)
   return TRUE;
 }
 
+int
+gd_classifier_feature_size (const GdModel *m)
+{
+  return m->final_channels;
+}
+
+gboolean
+gd_classifier_features (GdModel *m, const float *x, int n, int h, int w, const int64_t *t,
+                        float *logits, float *features, GError **error)
+{
+  if (m->cfg.kind != GD_MODEL_CLASSIFIER)
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "%s is not a classifier", m->origin);
+      return FALSE;
+    }
+  float *own = logits ? logits : g_new (float, (size_t) n * m->cfg.out_channels);
+  gboolean ok = gd_model_forward (m, x, n, h, w, t, NULL, own, error);
+  if (ok)
+    {
+      int c = m->final_channels;
+      if (m->cfg.pool == GD_POOL_ADAPTIVE)
+        memcpy (features, m->pooled.data, sizeof (float) * (size_t) n * c);
+      else
+        {
+          int L = m->trunk_h * m->trunk_w + 1;
+          for (size_t ic = 0; ic < (size_t) n * c; ic++)
+            features[ic] = m->pool_att.data[ic * L];
+        }
+    }
+  if (!logits)
+    g_free (own);
+  return ok;
+}
+
 void
 gd_model_enable_grads (GdModel *m)
 {

@@ -97,6 +97,13 @@ gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,
 gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
                            const int64_t *t, const int64_t *y, float *out, GError **error);
 
+/* A classifier's features: the vector its last layer reads ([n, gd_classifier_feature_size]),
+ * i.e. the pooled activations (adaptive pooling) or the attention-pooled first token.
+ * logits may be NULL. */
+gboolean gd_classifier_features (GdModel *model, const float *x, int n, int h, int w,
+                                 const int64_t *t, float *logits, float *features, GError **error);
+int gd_classifier_feature_size (const GdModel *model);
+
 /* Backward pass of the last gd_model_forward (its inputs must still be alive):
  * dout is the gradient at the output ([n, out_channels, h, w] or [n, classes]); writes the
  * input gradient to dx (may be NULL) and accumulates parameter gradients when enabled. */

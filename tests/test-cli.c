@@ -333,6 +333,56 @@ test_bad_input (void)
   g_free (out);
 }
 
+/* guided evaluate on the random-weight 28x28 fixtures: the table has a row per scale with
+ * numbers in range (the networks are untrained, so only the mechanics are judged). */
+static void
+test_evaluate (void)
+{
+  const char *fashion = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz";
+  if (!have_reference ())
+    return;
+  if (!g_file_test (fashion, G_FILE_TEST_EXISTS))
+    {
+      g_printerr ("SKIP: %s is missing (Debian package dataset-fashion-mnist)\n", fashion);
+      g_test_skip ("Fashion-MNIST test set missing");
+      return;
+    }
+  char *model = ref_path ("unet/gray28_uncond", "model.safetensors");
+  char *classifier = ref_path ("classifier/gray28_attnpool", "model.safetensors");
+  char *tsv = tmp_path ("evaluate.tsv"), *grid = tmp_path ("evaluate.png");
+  char *err = NULL;
+  int status = run_guided (&err, NULL, "evaluate", "-m", model, "-c", classifier, "-j", classifier,
+                           "-d", "/usr/share/datasets/fashion-mnist", "--test-images", "100",
+                           "--samples", "20", "--batch", "10", "--steps", "2", "--scales", "0,8",
+                           "--tsv", tsv, "--grid", grid, NULL);
+  if (status != 0)
+    g_error ("guided evaluate failed: %s", err);
+  char *text = NULL;
+  g_assert_true (g_file_get_contents (tsv, &text, NULL, NULL));
+  char **lines = g_strsplit (g_strchomp (text), "\n", -1);
+  g_assert_cmpuint (g_strv_length (lines), ==, 3);
+  for (int i = 1; i < 3; i++)
+    {
+      double scale, accuracy, frechet, variety;
+      g_assert_cmpint (sscanf (lines[i], "%lf\t%lf\t%lf\t%lf", &scale, &accuracy, &frechet, &variety), ==, 4);
+      g_assert_cmpfloat (scale, ==, i == 1 ? 0.0 : 8.0);
+      g_assert_cmpfloat (accuracy, >=, 0.0);
+      g_assert_cmpfloat (accuracy, <=, 1.0);
+      g_assert_cmpfloat (frechet, >=, -1e-6);
+      g_assert_cmpfloat (variety, >, 0.0);
+    }
+  g_assert_true (g_file_test (grid, G_FILE_TEST_IS_REGULAR));
+  g_strfreev (lines);
+  g_free (text);
+  g_unlink (tsv);
+  g_unlink (grid);
+  g_free (tsv);
+  g_free (grid);
+  g_free (err);
+  g_free (model);
+  g_free (classifier);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -355,6 +405,7 @@ main (int argc, char **argv)
   g_test_add_func ("/cli/determinism/batch-position", test_batch_position_independence);
   g_test_add_func ("/cli/guidance-changes-result", test_guidance_changes_result);
   g_test_add_func ("/cli/bad-input", test_bad_input);
+  g_test_add_func ("/cli/evaluate", test_evaluate);
   int status = g_test_run ();
   char *png = tmp_path ("sample.png"), *tensor = tmp_path ("sample.safetensors");
   g_unlink (png);

@@ -3,6 +3,7 @@
 #include "gd-kernels.h"
 #include "gd-model.h"
 #include "gd-random.h"
+#include "gd-stats.h"
 
 #include <glib.h>
 #include <math.h>
@@ -376,6 +377,31 @@ test_classifier_adaptive_pool (void)
                     " \"use_scale_shift_norm\": false, \"resblock_updown\": false, \"pool\": \"adaptive\"}");
 }
 
+/* Frechet distances with known answers: N(m, I) against N(m + delta, 4 I) in d dimensions
+ * is |delta|^2 + d (1 + 4 - 2 * 2) = |delta|^2 + d; a set against itself is 0. */
+static void
+test_frechet_distance (void)
+{
+  const int d = 6, n = 4000;
+  float *a = random_buffer ((size_t) n * d, 1.0f), *b = random_buffer ((size_t) n * d, 2.0f);
+  for (int i = 0; i < n; i++)
+    b[(size_t) i * d] += 3.0f;
+  double mu_a[6], mu_b[6], cov_a[36], cov_b[36], distance;
+  gd_stats_mean_cov (a, n, d, mu_a, cov_a);
+  gd_stats_mean_cov (b, n, d, mu_b, cov_b);
+  GError *error = NULL;
+  g_assert_true (gd_stats_frechet_distance (mu_a, cov_a, mu_a, cov_a, d, &distance, &error));
+  g_assert_cmpfloat (fabs (distance), <, 1e-9);
+  g_assert_true (gd_stats_frechet_distance (mu_a, cov_a, mu_b, cov_b, d, &distance, &error));
+  g_test_message ("Frechet distance %.3f, expected about %d", distance, 9 + d);
+  g_assert_cmpfloat (fabs (distance - (9.0 + d)), <, 0.6);
+  /* pairwise distance of unit normals in d dimensions is about sqrt(2 d) */
+  double pairwise = gd_stats_mean_pairwise_distance (a, 500, d);
+  g_assert_cmpfloat (fabs (pairwise - sqrt (2.0 * d)), <, 0.3);
+  g_free (a);
+  g_free (b);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -395,5 +421,6 @@ main (int argc, char **argv)
   g_test_add_func ("/kernels/timestep-embedding", test_timestep_embedding);
   g_test_add_func ("/model/classifier-gradient-attention-pool", test_classifier_attention_pool);
   g_test_add_func ("/model/classifier-gradient-adaptive-pool", test_classifier_adaptive_pool);
+  g_test_add_func ("/stats/frechet-distance", test_frechet_distance);
   return g_test_run ();
 }

@@ -6,3 +6,4 @@ int guided_sample_main (int argc, char **argv);
 int guided_train_main (int argc, char **argv);
 int guided_convert_main (int argc, char **argv);
 int guided_info_main (int argc, char **argv);
+int guided_evaluate_main (int argc, char **argv);

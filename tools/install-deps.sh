@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(
   build-essential meson ninja-build pkg-config
   libglib2.0-dev libjson-glib-dev libopenblas-dev zlib1g-dev libpng-dev
+  dataset-fashion-mnist gnuplot-nox
   libminizip-dev
 )
 missing=()
