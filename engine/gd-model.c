@@ -623,16 +623,23 @@ gd_model_set_data_owner (GdModel *m, gpointer owner, GDestroyNotify destroy)
   m->data_owner_destroy = destroy;
 }
 
+/* Gives a parameter fresh memory of its own (its values are then set by the caller). */
+static void
+param_take_new_data (GdParam *p)
+{
+  if (p->owns_data)
+    g_free (p->data);
+  p->data = g_new (float, p->numel);
+  p->owns_data = TRUE;
+}
+
 void
 gd_model_init_random (GdModel *m, uint64_t seed)
 {
   for (guint i = 0; i < m->params->len; i++)
     {
       GdParam *p = m->params->pdata[i];
-      if (p->owns_data)
-        g_free (p->data);
-      p->data = g_new (float, p->numel);
-      p->owns_data = TRUE;
+      param_take_new_data (p);
       gboolean is_bias = g_str_has_suffix (p->name, ".bias");
       if (p->ndim == 2 && (g_str_has_suffix (p->name, "positional_embedding")
                            || g_str_has_prefix (p->name, "label_emb")))
@@ -673,10 +680,7 @@ gd_model_init_training (GdModel *m, uint64_t seed)
   for (guint i = 0; i < m->params->len; i++)
     {
       GdParam *p = m->params->pdata[i];
-      if (p->owns_data)
-        g_free (p->data);
-      p->data = g_new (float, p->numel);
-      p->owns_data = TRUE;
+      param_take_new_data (p);
       gboolean is_bias = g_str_has_suffix (p->name, ".bias");
       if (zero_initialised (p->name))
         memset (p->data, 0, sizeof (float) * p->numel);
