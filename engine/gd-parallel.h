@@ -4,11 +4,15 @@
  * results are bit-identical for any number of threads. */
 #pragma once
 #include <cblas.h>
+#include <glib.h>
 #include <stddef.h>
 
 /* Reads GD_THREADS once and pins OpenBLAS to one thread; called by every entry below. */
 void gd_parallel_init (void);
 int gd_parallel_threads (void);
+
+/* Floating-point operations (2 m n k per product) of every gd_sgemm call so far. */
+guint64 gd_sgemm_flops (void);
 
 /* cblas_sgemm (row-major) computed as fixed blocks of rows or columns in parallel. */
 void gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,

@@ -14,6 +14,7 @@ static const struct {
   { "sample", guided_sample_main, "generate images, guided by a classifier" },
   { "train", guided_train_main, "train a diffusion model or a noisy classifier" },
   { "evaluate", guided_evaluate_main, "judge guided samples across guidance scales" },
+  { "bench", guided_bench_main, "measure the engine's speed on the released architectures" },
   { "forward", guided_forward_main, "run a model on the tensors of a safetensors file" },
   { "convert", guided_convert_main, "write a model (.pt or .safetensors) as self-describing safetensors" },
   { "info", guided_info_main, "describe a model file: release, architecture, diffusion, labels" },

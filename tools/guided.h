@@ -7,3 +7,4 @@ int guided_train_main (int argc, char **argv);
 int guided_convert_main (int argc, char **argv);
 int guided_info_main (int argc, char **argv);
 int guided_evaluate_main (int argc, char **argv);
+int guided_bench_main (int argc, char **argv);
