@@ -2,7 +2,10 @@
 #include "gd-error.h"
 #include "gd-random.h"
 
+#include <math.h>
 #include <string.h>
+
+#define GD_KNOWN_NOISE_STREAM ((uint64_t) 1 << 32)
 
 void
 gd_sample_initial_noise (uint64_t seed, int n, size_t per_image, float *x)
@@ -17,6 +20,28 @@ gd_sample_step_noise (uint64_t seed, int step, int n, size_t per_image, float *n
   for (int j = 0; j < n; j++)
     gd_random_normal (seed + (uint64_t) j, (uint64_t) step + 1, noise + (size_t) j * per_image,
                       per_image);
+}
+
+void
+gd_sample_known_noise (uint64_t seed, int step, int n, size_t per_image, float *noise)
+{
+  for (int j = 0; j < n; j++)
+    gd_random_normal (seed + (uint64_t) j, GD_KNOWN_NOISE_STREAM + (uint64_t) step,
+                      noise + (size_t) j * per_image, per_image);
+}
+
+int64_t
+gd_sample_draw_class (uint64_t seed, int image, int class_count)
+{
+  g_return_val_if_fail (class_count > 0, 0);
+  gint64 key = (gint64) (seed + (uint64_t) image);
+  return (int64_t) (g_int64_hash (&key) % (guint) class_count);
+}
+
+int
+gd_sample_steps_for_strength (int num_steps, double strength)
+{
+  return (int) CLAMP (floor (strength * num_steps + 0.5), 0, num_steps);
 }
 
 gboolean
@@ -53,6 +78,16 @@ gd_sample_check (const GdSampleOptions *o, int n, int h, int w, GError **error)
     }
   if (!gd_model_check_input (o->model, n, mc->in_channels, h, w, mc->num_classes > 0 ? o->labels : NULL, error))
     return FALSE;
+  if (o->init_image && !(o->strength >= 0.0 && o->strength <= 1.0))
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "strength %g is outside [0, 1]", o->strength);
+      return FALSE;
+    }
+  if (o->mask && !o->init_image)
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "inpainting with a mask needs the image to keep");
+      return FALSE;
+    }
   if (o->classifier)
     {
       const GdModelConfig *cc = gd_model_get_config (o->classifier);
@@ -90,6 +125,20 @@ gd_sample_check (const GdSampleOptions *o, int n, int h, int w, GError **error)
   return TRUE;
 }
 
+/* x <- mask * x + (1 - mask) * known, the mask shared by the channels of each image. */
+static void
+replace_known (float *x, const float *known, const float *mask, int n, int channels, int hw)
+{
+  for (int j = 0; j < n; j++)
+    for (int c = 0; c < channels; c++)
+      {
+        float *xc = x + ((size_t) j * channels + c) * hw;
+        const float *kc = known + ((size_t) j * channels + c) * hw, *m = mask + (size_t) j * hw;
+        for (int i = 0; i < hw; i++)
+          xc[i] = m[i] * xc[i] + (1.0f - m[i]) * kc[i];
+      }
+}
+
 gboolean
 gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError **error)
 {
@@ -99,17 +148,28 @@ gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError *
   const GdDiffusion *d = o->diffusion;
   int channels = mc->in_channels, out_channels = mc->out_channels, hw = h * w;
   size_t per_image = (size_t) channels * hw, count = (size_t) n * per_image;
+  int runs = d->num_steps;
+  if (o->init_image)
+    {
+      runs = gd_sample_steps_for_strength (d->num_steps, o->strength);
+      /* SDEdit: x_t = q_sample(image, t) at the first step run, x (x_T) being the noise */
+      if (runs > 0)
+        gd_diffusion_q_sample (d, runs - 1, o->init_image, x, count, x);
+      else
+        memcpy (x, o->init_image, sizeof (float) * count);
+    }
   float *model_out = g_new (float, (size_t) n * out_channels * hw);
   gboolean guided = o->classifier && o->settings.guidance_scale != 0.0;
   float *grad = guided ? g_new (float, count) : NULL;
   float *noise = g_new (float, count), *x_prev = g_new (float, count);
   float *pred_xstart = g_new (float, count);
+  float *known = o->mask ? g_new (float, count) : NULL;
   int64_t *t = g_new (int64_t, n);
   gboolean ok = TRUE;
 
-  for (int it = 0; it < d->num_steps && ok; it++)
+  for (int it = 0; it < runs && ok; it++)
     {
-      int k = d->num_steps - 1 - it;
+      int k = runs - 1 - it;
       for (int i = 0; i < n; i++)
         t[i] = d->timestep_map[k];
       ok = gd_model_forward (o->model, x, n, h, w, t, mc->num_classes > 0 ? o->labels : NULL,
@@ -134,12 +194,24 @@ gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError *
       gd_diffusion_step (d, &o->settings, k, x, model_out, n, channels, out_channels, hw,
                          guided ? grad : NULL, step_noise, x_prev, pred_xstart);
       memcpy (x, x_prev, sizeof (float) * count);
+      if (o->mask)
+        {
+          /* the known image at the step just reached: x_{k-1} noised, or x_0 itself */
+          if (k > 0)
+            {
+              gd_sample_known_noise (o->seed, k - 1, n, per_image, known);
+              gd_diffusion_q_sample (d, k - 1, o->init_image, known, count, known);
+            }
+          else
+            memcpy (known, o->init_image, sizeof (float) * count);
+          replace_known (x, known, o->mask, n, channels, hw);
+        }
       if (o->trace_fn)
         o->trace_fn (o->user, it, x, pred_xstart);
-      if (o->progress_fn && !o->progress_fn (o->user, it + 1, d->num_steps))
+      if (o->progress_fn && !o->progress_fn (o->user, it + 1, runs))
         {
           g_set_error (error, GD_ERROR, GD_ERROR_CANCELLED, "sampling stopped after %d of %d steps",
-                       it + 1, d->num_steps);
+                       it + 1, runs);
           ok = FALSE;
         }
     }
@@ -148,6 +220,7 @@ gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError *
   g_free (noise);
   g_free (x_prev);
   g_free (pred_xstart);
+  g_free (known);
   g_free (t);
   return ok;
 }

@@ -318,10 +318,7 @@ generate (Options *opt, GError **error)
       classes = g_new (int64_t, n);
       for (int i = 0; i < n; i++)
         {
-          /* no class given: each image draws one from its own seed, as the reference's
-           * sampling script draws random classes */
-          classes[i] = chosen >= 0 ? chosen
-                       : (int64_t) (g_int64_hash (&(gint64) { opt->seed + i }) % (guint) class_count);
+          classes[i] = chosen >= 0 ? chosen : gd_sample_draw_class ((uint64_t) opt->seed, i, class_count);
           if (classes[i] >= class_count)
             {
               g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "class %" G_GINT64_FORMAT
