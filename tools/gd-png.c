@@ -8,10 +8,12 @@
 #include <stdio.h>
 #include <unistd.h>
 
+/* Rounded to the nearest level, as GEGL (babl) converts the float images of gd:decode, so
+ * that the command line and the GEGL nodes write the same pixels. */
 static guint8
 to_byte (float v)
 {
-  float scaled = (v + 1.0f) * 127.5f;
+  float scaled = (v + 1.0f) * 127.5f + 0.5f;
   return (guint8) CLAMP (scaled, 0.0f, 255.0f);
 }
 

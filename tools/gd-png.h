@@ -4,7 +4,7 @@
 
 /* Writes n images [n, C, h, w] (C = 1 or 3, values in model space [-1, 1]) to one PNG,
  * as a grid of ceil(sqrt(n)) columns with a 2-pixel gap; pixel = clamp((x + 1) * 127.5)
- * truncated to 8 bits.  Written to a temporary file and renamed, so a failure leaves no
- * partial file. */
+ * rounded to the nearest of 256 levels.  Written to a temporary file and renamed, so a
+ * failure leaves no partial file. */
 gboolean gd_png_write_grid (const char *path, const float *images, int n, int channels,
                             int h, int w, GError **error);
