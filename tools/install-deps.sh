@@ -7,6 +7,7 @@ packages=(
   libglib2.0-dev libjson-glib-dev libopenblas-dev zlib1g-dev libpng-dev
   dataset-fashion-mnist gnuplot-nox
   libminizip-dev
+  libgegl-dev gegl
 )
 missing=()
 for p in "${packages[@]}"; do
