@@ -10,8 +10,8 @@
 
 /* Rounded to the nearest level, as GEGL (babl) converts the float images of gd:decode, so
  * that the command line and the GEGL nodes write the same pixels. */
-static guint8
-to_byte (float v)
+guint8
+gd_png_level (float v)
 {
   float scaled = (v + 1.0f) * 127.5f + 0.5f;
   return (guint8) CLAMP (scaled, 0.0f, 255.0f);
@@ -33,7 +33,7 @@ gd_png_write_grid (const char *path, const float *images, int n, int channels, i
         for (int x = 0; x < w; x++)
           for (int c = 0; c < channels; c++)
             pixels[((size_t) (y0 + y) * width + x0 + x) * channels + c] =
-                to_byte (image[((size_t) c * h + y) * w + x]);
+                gd_png_level (image[((size_t) c * h + y) * w + x]);
     }
 
   char *tmp = g_strdup_printf ("%s.tmp-XXXXXX", path);

@@ -26,10 +26,7 @@ static void
 quantise (float *x, size_t count)
 {
   for (size_t i = 0; i < count; i++)
-    {
-      float v = CLAMP ((x[i] + 1.0f) * 127.5f, 0.0f, 255.0f);
-      x[i] = floorf (v) / 127.5f - 1.0f;
-    }
+    x[i] = gd_png_level (x[i]) / 127.5f - 1.0f;
 }
 
 static gboolean
