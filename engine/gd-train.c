@@ -301,7 +301,10 @@ gd_optimizer_step (GdOptimizer *o)
   /* Loshchilov & Hutter (2019), Algorithm 2: Adam with decoupled weight decay */
   double bias1 = 1.0 - pow (o->s.beta1, (double) o->step);
   double bias2 = 1.0 - pow (o->s.beta2, (double) o->step);
-  float b1 = (float) o->s.beta1, b2 = (float) o->s.beta2, ema_rate = (float) o->s.ema_rate;
+  /* the EMA's decay grows with the step count, (1 + t) / (10 + t), up to ema_rate, so that
+   * the average of a short run is not dominated by the initial weights */
+  double ema_decay = MIN (o->s.ema_rate, (1.0 + o->step) / (10.0 + o->step));
+  float b1 = (float) o->s.beta1, b2 = (float) o->s.beta2, ema_rate = (float) ema_decay;
   float decay = (float) (1.0 - lr * o->s.weight_decay);
   float step_size = (float) (lr / bias1), sqrt_bias2 = (float) sqrt (bias2), eps = (float) o->s.eps;
   for (guint i = 0; i < count; i++)
