@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <glib/gstdio.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 G_DEFINE_QUARK (gd-error-quark, gd_error)
@@ -550,14 +551,29 @@ writer_header (GdStWriter *w)
   return text;
 }
 
+int
+gd_create_temporary_beside (const char *path, char **tmp_path)
+{
+  *tmp_path = g_strdup_printf ("%s.tmp-XXXXXX", path);
+  int fd = g_mkstemp (*tmp_path);
+  if (fd >= 0)
+    {
+      mode_t mask = umask (0);
+      umask (mask);
+      if (fchmod (fd, 0666 & ~mask) != 0)
+        g_warning ("%s: cannot set permissions: %s", *tmp_path, g_strerror (errno));
+    }
+  return fd;
+}
+
 gboolean
 gd_st_writer_write (GdStWriter *w, const char *path, GError **error)
 {
   char *header = writer_header (w);
   size_t len = strlen (header);
   size_t padded = (len + 7) & ~(size_t) 7;  /* keeps every tensor 8-byte aligned */
-  char *tmp_path = g_strdup_printf ("%s.tmp-XXXXXX", path);
-  int fd = g_mkstemp (tmp_path);
+  char *tmp_path;
+  int fd = gd_create_temporary_beside (path, &tmp_path);
   gboolean ok = FALSE;
   FILE *f = NULL;
   if (fd < 0)

@@ -59,4 +59,8 @@ void gd_st_writer_set_metadata (GdStWriter *w, const char *key, const char *valu
 gboolean gd_st_writer_write (GdStWriter *w, const char *path, GError **error);
 void gd_st_writer_free (GdStWriter *w);
 
+/* Creates a temporary file beside `path` (template written to *tmp_path) with the
+ * permissions a new file gets from the umask (mkstemp alone gives 0600). */
+int gd_create_temporary_beside (const char *path, char **tmp_path);
+
 G_END_DECLS

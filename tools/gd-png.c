@@ -1,5 +1,6 @@
 #include "gd-png.h"
 #include "gd-error.h"
+#include "gd-safetensors.h"
 
 #include <errno.h>
 #include <glib/gstdio.h>
@@ -36,8 +37,8 @@ gd_png_write_grid (const char *path, const float *images, int n, int channels, i
                 gd_png_level (image[((size_t) c * h + y) * w + x]);
     }
 
-  char *tmp = g_strdup_printf ("%s.tmp-XXXXXX", path);
-  int fd = g_mkstemp (tmp);
+  char *tmp;
+  int fd = gd_create_temporary_beside (path, &tmp);
   gboolean ok = FALSE;
   FILE *f = NULL;
   png_structp png = NULL;

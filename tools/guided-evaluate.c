@@ -235,19 +235,18 @@ evaluate (Options *opt, GError **error)
     goto out;
   if (opt->grid)
     {
-      /* gd_png_write_grid lays images out row by row with ceil(sqrt(n)) columns, so write
-       * one image per class row made of the scales side by side */
-      int cols = (int) scales->len, w = size * cols;
-      float *rows = g_new (float, (size_t) classes * channels * size * w);
+      /* one picture: class c is row c, scale s is column s */
+      int cols = (int) scales->len, w = size * cols, h = size * classes;
+      float *picture = g_new (float, (size_t) channels * h * w);
       for (int c = 0; c < classes; c++)
         for (int s = 0; s < cols; s++)
           for (int ch = 0; ch < channels; ch++)
             for (int y = 0; y < size; y++)
-              memcpy (rows + (((size_t) c * channels + ch) * size + y) * w + (size_t) s * size,
+              memcpy (picture + ((size_t) ch * h + (size_t) c * size + y) * w + (size_t) s * size,
                       grid + (((size_t) c * cols + s) * channels + ch) * size * size + (size_t) y * size,
                       sizeof (float) * size);
-      gboolean ok = gd_png_write_grid (opt->grid, rows, classes, channels, size, w, error);
-      g_free (rows);
+      gboolean ok = gd_png_write_grid (opt->grid, picture, 1, channels, h, w, error);
+      g_free (picture);
       if (!ok)
         goto out;
     }
