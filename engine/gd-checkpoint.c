@@ -95,22 +95,11 @@ attach_tensors (GdModel *model, GdTorchFile *file, gboolean shapes_only, gboolea
     {
       GdParam *p = gd_model_param (model, i);
       const GdTorchTensor *t = gd_torch_find (file, p->name);
-      if (!t)
+      char *why = gd_param_mismatch (p, t != NULL, t ? t->ndim : 0, t ? t->shape : NULL);
+      if (why)
         {
-          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS, "%s: missing weight '%s'", path, p->name);
-          return FALSE;
-        }
-      gboolean same = t->ndim == p->ndim;
-      for (int d = 0; same && d < p->ndim; d++)
-        same = t->shape[d] == p->shape[d];
-      if (!same)
-        {
-          char *want = gd_shape_text (p->ndim, p->shape), *have = gd_shape_text (t->ndim, t->shape);
-          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS,
-                       "%s: weight '%s' has shape %s, the architecture needs %s", path, p->name,
-                       have, want);
-          g_free (want);
-          g_free (have);
+          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS, "%s: %s", path, why);
+          g_free (why);
           return FALSE;
         }
       if (t->dtype == GD_DTYPE_I64)

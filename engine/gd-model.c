@@ -721,14 +721,31 @@ gd_model_init_training (GdModel *m, uint64_t seed)
 
 /* ---- loading ---- */
 
-static char *
-shape_string (int ndim, const int64_t *shape)
+char *
+gd_shape_text (int ndim, const int64_t *shape)
 {
   GString *s = g_string_new ("[");
   for (int i = 0; i < ndim; i++)
     g_string_append_printf (s, "%s%" G_GINT64_FORMAT, i ? ", " : "", shape[i]);
   g_string_append_c (s, ']');
   return g_string_free (s, FALSE);
+}
+
+char *
+gd_param_mismatch (const GdParam *p, gboolean found, int ndim, const int64_t *shape)
+{
+  if (!found)
+    return g_strdup_printf ("missing weight '%s'", p->name);
+  gboolean same = ndim == p->ndim;
+  for (int d = 0; same && d < p->ndim; d++)
+    same = shape[d] == p->shape[d];
+  if (same)
+    return NULL;
+  char *want = gd_shape_text (p->ndim, p->shape), *have = gd_shape_text (ndim, shape);
+  char *why = g_strdup_printf ("weight '%s' has shape %s, the architecture needs %s", p->name, have, want);
+  g_free (want);
+  g_free (have);
+  return why;
 }
 
 static gboolean
@@ -739,22 +756,11 @@ attach_weights (GdModel *m, GdSafetensors *st, GError **error)
     {
       GdParam *p = m->params->pdata[i];
       const GdStTensor *t = gd_safetensors_find (st, p->name);
-      if (!t)
+      char *why = gd_param_mismatch (p, t != NULL, t ? t->ndim : 0, t ? t->shape : NULL);
+      if (why)
         {
-          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS, "%s: missing weight '%s'", path, p->name);
-          return FALSE;
-        }
-      gboolean same = t->ndim == p->ndim;
-      for (int d = 0; same && d < p->ndim; d++)
-        same = t->shape[d] == p->shape[d];
-      if (!same)
-        {
-          char *want = shape_string (p->ndim, p->shape), *have = shape_string (t->ndim, t->shape);
-          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS,
-                       "%s: weight '%s' has shape %s, the architecture needs %s",
-                       path, p->name, have, want);
-          g_free (want);
-          g_free (have);
+          g_set_error (error, GD_ERROR, GD_ERROR_WEIGHTS, "%s: %s", path, why);
+          g_free (why);
           return FALSE;
         }
       if (t->dtype != GD_DTYPE_F32 && t->dtype != GD_DTYPE_F16 && t->dtype != GD_DTYPE_BF16

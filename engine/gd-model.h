@@ -87,6 +87,12 @@ void gd_model_set_metadata (GdModel *model, const char *key, const char *value);
  * model; `destroy` is called on it when the model is freed. */
 void gd_model_set_data_owner (GdModel *model, gpointer owner, GDestroyNotify destroy);
 
+/* "[3, 64, 3, 3]": a shape for messages. */
+char *gd_shape_text (int ndim, const int64_t *shape);
+/* Why a stored tensor cannot hold parameter p ("missing weight ..." when !found, or the
+ * shape mismatch), or NULL when it can.  Loaders prefix it with the file name. */
+char *gd_param_mismatch (const GdParam *p, gboolean found, int ndim, const int64_t *shape);
+
 /* Checks that an input of n x c x h x w (and labels y when given) fits the model. */
 gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,
                                const int64_t *y, GError **error);

@@ -427,16 +427,6 @@ count_blocks (const Keys *k, const char *prefix)
   return (int) count;
 }
 
-char *
-gd_shape_text (int ndim, const int64_t *shape)
-{
-  GString *s = g_string_new ("[");
-  for (int i = 0; i < ndim; i++)
-    g_string_append_printf (s, "%s%" G_GINT64_FORMAT, i ? ", " : "", shape[i]);
-  g_string_append_c (s, ']');
-  return g_string_free (s, FALSE);
-}
-
 /* Whether the architecture of cfg has exactly these keys and shapes; else *why says the
  * first difference. */
 static gboolean

@@ -70,7 +70,5 @@ gboolean gd_recognize (const GdKeyShape *tensors, guint n, const char *override_
                        GError **error);
 void gd_recognition_clear (GdRecognition *result);
 
-/* "[3, 64, 3, 3]": a shape for messages. */
-char *gd_shape_text (int ndim, const int64_t *shape);
 
 G_END_DECLS
