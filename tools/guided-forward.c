@@ -31,7 +31,8 @@ read_labels (const GdSafetensors *in, const char *name, int n, int64_t **out, GE
 }
 
 static int
-run (const char *model_path, const char *in_path, const char *out_path, GError **error)
+run (const char *model_path, const char *config, const char *in_path, const char *out_path,
+     GError **error)
 {
   GdModel *model = NULL;
   GdSafetensors *in = NULL;
@@ -39,7 +40,7 @@ run (const char *model_path, const char *in_path, const char *out_path, GError *
   int64_t *t = NULL, *y = NULL;
   int status = 1;
 
-  model = gd_model_load (model_path, error);
+  model = guided_load_model (model_path, config, error);
   if (!model)
     goto out;
   in = gd_safetensors_open (in_path, error);
@@ -124,21 +125,30 @@ guided_forward_main (int argc, char **argv)
 {
   if (argc == 2 && (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0))
     {
-      printf ("usage: guided forward MODEL.safetensors IN.safetensors OUT.safetensors\n\n"
+      printf ("usage: guided forward [--config JSON|FILE] MODEL IN.safetensors OUT.safetensors\n\n"
               "Runs MODEL on the tensors x [N, C, H, W], t [N] (timesteps as the network\n"
               "receives them) and, when present, y [N] (class labels) of IN, and writes OUT:\n"
               "  a U-Net:      out [N, out_channels, H, W]\n"
               "  a classifier: logits [N, classes] and, when y is given,\n"
-              "                grad = d/dx sum_i log_softmax(logits_i)[y_i]  [N, C, H, W]\n");
+              "                grad = d/dx sum_i log_softmax(logits_i)[y_i]  [N, C, H, W]\n"
+              "MODEL is a .safetensors or .pt file; --config overrides what a .pt file's\n"
+              "weights leave open (docs/checkpoints.md).\n");
       return 0;
+    }
+  const char *config = NULL;
+  if (argc == 6 && strcmp (argv[1], "--config") == 0)
+    {
+      config = argv[2];
+      argc -= 2;
+      argv += 2;
     }
   if (argc != 4)
     {
-      fprintf (stderr, "usage: guided forward MODEL.safetensors IN.safetensors OUT.safetensors\n");
+      fprintf (stderr, "usage: guided forward [--config JSON|FILE] MODEL IN.safetensors OUT.safetensors\n");
       return 2;
     }
   GError *error = NULL;
-  int status = run (argv[1], argv[2], argv[3], &error);
+  int status = run (argv[1], config, argv[2], argv[3], &error);
   if (error)
     {
       fprintf (stderr, "guided forward: %s\n", error->message);

@@ -209,7 +209,7 @@ out:
 /* ---- generation ---- */
 
 typedef struct {
-  char *model, *classifier, *label, *labels_file, *respacing, *sampler, *output, *tensor, *replay, *trace;
+  char *model, *classifier, *model_config, *classifier_config, *label, *labels_file, *respacing, *sampler, *output, *tensor, *replay, *trace;
   int class_index, steps, batch;
   double scale, eta;
   gint64 seed;
@@ -273,12 +273,12 @@ generate (Options *opt, GError **error)
       g_set_error (error, GD_ERROR, GD_ERROR_IO, "%s: folder is not writable", opt->output);
       goto out;
     }
-  model = gd_model_load (opt->model, error);
+  model = guided_load_model (opt->model, opt->model_config, error);
   if (!model)
     goto out;
   if (opt->classifier)
     {
-      classifier = gd_model_load (opt->classifier, error);
+      classifier = guided_load_model (opt->classifier, opt->classifier_config, error);
       if (!classifier)
         goto out;
     }
@@ -386,6 +386,8 @@ guided_sample_main (int argc, char **argv)
   GOptionEntry entries[] = {
     { "model", 'm', 0, G_OPTION_ARG_FILENAME, &opt.model, "Diffusion model (.safetensors)", "FILE" },
     { "classifier", 'c', 0, G_OPTION_ARG_FILENAME, &opt.classifier, "Noisy classifier that guides", "FILE" },
+    { "model-config", 0, 0, G_OPTION_ARG_STRING, &opt.model_config, "Architecture override for a .pt model (JSON or file)", "JSON" },
+    { "classifier-config", 0, 0, G_OPTION_ARG_STRING, &opt.classifier_config, "Architecture override for a .pt classifier", "JSON" },
     { "class", 0, 0, G_OPTION_ARG_INT, &opt.class_index, "Class index to guide toward", "N" },
     { "label", 'l', 0, G_OPTION_ARG_STRING, &opt.label, "Class name from the model's label list", "NAME" },
     { "labels", 0, 0, G_OPTION_ARG_FILENAME, &opt.labels_file, "Label list (index<TAB>name per line) for --label, instead of the model's", "FILE" },
@@ -448,6 +450,8 @@ done:
   g_option_context_free (context);
   g_free (opt.model);
   g_free (opt.classifier);
+  g_free (opt.model_config);
+  g_free (opt.classifier_config);
   g_free (opt.label);
   g_free (opt.labels_file);
   g_free (opt.respacing);

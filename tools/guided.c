@@ -1,5 +1,6 @@
 /* guided: the command line of the guided-diffusion engine. */
 #include "guided.h"
+#include "gd-checkpoint.h"
 
 #include <glib.h>
 #include <stdlib.h>
@@ -19,6 +20,20 @@ static const struct {
   { "convert", guided_convert_main, "write a model (.pt or .safetensors) as self-describing safetensors" },
   { "info", guided_info_main, "describe a model file: release, architecture, diffusion, labels" },
 };
+
+GdModel *
+guided_load_model (const char *path, const char *config_argument, GError **error)
+{
+  if (!config_argument)
+    return gd_model_load (path, error);
+  char *config = gd_checkpoint_read_config (config_argument, error);
+  if (!config)
+    return NULL;
+  GdLoadOptions options = { .config = config };
+  GdModel *model = gd_checkpoint_load (path, &options, error);
+  g_free (config);
+  return model;
+}
 
 static void
 usage (FILE *out)
