@@ -5,6 +5,8 @@
 
 property_file_path (classifier, "Classifier", "")
   description ("Noisy classifier file (.safetensors); empty: the default classifier of the data dir")
+property_string (classifier_config, "Classifier config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (class, "Class", -1)
   description ("Class y whose log-probability the gradient increases")
   value_range (-1, 100000)
@@ -32,7 +34,7 @@ static gboolean
 plan (GeglOperation *operation, GdOpPlan *p, gboolean *quiet, GError **error)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  p->classifier = gd_op_get_model (operation, "gd-classifier", o->classifier,
+  p->classifier = gd_op_get_model (operation, "gd-classifier", o->classifier, o->classifier_config,
                                    GD_MODEL_CLASSIFIER, error);
   if (!p->classifier)
     return FALSE;
@@ -60,7 +62,7 @@ static void
 prepare (GeglOperation *operation)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  GdCachedModel *classifier = gd_op_get_model (operation, "gd-classifier", o->classifier,
+  GdCachedModel *classifier = gd_op_get_model (operation, "gd-classifier", o->classifier, o->classifier_config,
                                                GD_MODEL_CLASSIFIER, NULL);
   const Babl *format = gd_tensor_format (classifier ? gd_model_get_config (classifier->model)->in_channels : 3);
   gegl_operation_set_format (operation, "input", format);

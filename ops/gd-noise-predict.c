@@ -5,6 +5,8 @@
 
 property_file_path (model, "Model", "")
   description ("Diffusion model file (.safetensors); empty: the default model of the data dir")
+property_string (model_config, "Model config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (class, "Class", -1)
   description ("Class label for a class-conditional model (-1: none)")
   value_range (-1, 100000)
@@ -32,7 +34,7 @@ static gboolean
 plan (GeglOperation *operation, GdOpPlan *p, gboolean *quiet, GError **error)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  p->model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, error);
+  p->model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, error);
   if (!p->model)
     return FALSE;
   const GdModelConfig *cfg = gd_model_get_config (p->model->model);
@@ -52,7 +54,7 @@ static void
 prepare (GeglOperation *operation)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, NULL);
+  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, NULL);
   const GdModelConfig *cfg = model ? gd_model_get_config (model->model) : NULL;
   gegl_operation_set_format (operation, "input", gd_tensor_format (cfg ? cfg->in_channels : 3));
   gegl_operation_set_format (operation, "output", gd_tensor_format (cfg ? cfg->out_channels : 3));

@@ -5,6 +5,8 @@
 
 property_file_path (model, "Model", "")
   description ("Diffusion model whose image size and channels the noise takes (empty: the default model of the data dir); not read when width, height and channels are all set")
+property_string (model_config, "Model config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (width, "Width", 0)
   description ("Tensor width; 0 takes the model's image size")
   value_range (0, 4096)
@@ -41,7 +43,7 @@ plan (GeglOperation *operation, GdOpPlan *p, gboolean *quiet, GError **error)
   p->channels = o->channels;
   if (!o->width || !o->height || !o->channels)
     {
-      p->model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, error);
+      p->model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, error);
       if (!p->model)
         return FALSE;
       const GdModelConfig *cfg = gd_model_get_config (p->model->model);

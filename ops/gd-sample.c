@@ -8,8 +8,12 @@
 
 property_file_path (model, "Model", "")
   description ("Diffusion model file (.safetensors); empty: the default model of the data dir")
+property_string (model_config, "Model config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_file_path (classifier, "Classifier", "")
   description ("Noisy classifier that guides; empty: the default classifier of the data dir (loaded only when guidance scale is not 0)")
+property_string (classifier_config, "Classifier config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (class, "Class", -1)
   description ("Class to guide toward (and of a class-conditional model); -1 draws one from the seed")
   value_range (-1, 100000)
@@ -49,14 +53,14 @@ static gboolean
 plan (GeglOperation *operation, GdOpPlan *p, gboolean *quiet, GError **error)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  p->model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, error);
+  p->model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, error);
   if (!p->model)
     return FALSE;
   /* a classifier named is always used (as `guided sample --classifier` does); the default
    * one only when guiding */
   if (*o->classifier || o->guidance_scale != 0.0)
     {
-      p->classifier = gd_op_get_model (operation, "gd-classifier", o->classifier,
+      p->classifier = gd_op_get_model (operation, "gd-classifier", o->classifier, o->classifier_config,
                                        GD_MODEL_CLASSIFIER, error);
       if (!p->classifier)
         return FALSE;
@@ -113,7 +117,7 @@ static void
 prepare (GeglOperation *operation)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, NULL);
+  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, NULL);
   int channels = model ? gd_model_get_config (model->model)->in_channels : 3;
   gegl_operation_set_format (operation, "input", gd_image_format (channels));
   gegl_operation_set_format (operation, "aux", babl_format ("Y float"));

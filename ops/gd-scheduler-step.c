@@ -6,6 +6,8 @@
 
 property_file_path (model, "Model", "")
   description ("Diffusion model whose schedule and variance the step uses (empty: the default model of the data dir)")
+property_string (model_config, "Model config", "")
+  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_double (eta, "Eta", 0.0)
   description ("DDIM noise: 0 is deterministic, 1 matches DDPM's variance")
   value_range (0.0, 10.0)
@@ -54,7 +56,7 @@ static gboolean
 plan (GeglOperation *operation, GdOpPlan *p, gboolean *quiet, GError **error)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  p->model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, error);
+  p->model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, error);
   if (!p->model)
     return FALSE;
   const GdModelConfig *cfg = gd_model_get_config (p->model->model);
@@ -111,7 +113,7 @@ static void
 prepare (GeglOperation *operation)
 {
   GeglProperties *o = GEGL_PROPERTIES (operation);
-  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, GD_MODEL_UNET, NULL);
+  GdCachedModel *model = gd_op_get_model (operation, "gd-model", o->model, o->model_config, GD_MODEL_UNET, NULL);
   const GdModelConfig *cfg = model ? gd_model_get_config (model->model) : NULL;
   const Babl *tensor = gd_tensor_format (cfg ? cfg->in_channels : 3);
   gegl_operation_set_format (operation, "input", tensor);

@@ -1,4 +1,5 @@
 #include "gd-model-cache.h"
+#include "gd-checkpoint.h"
 #include "gd-error.h"
 
 #include <errno.h>
@@ -23,9 +24,25 @@ file_stamp (const char *path, gint64 *mtime, goffset *size, GError **error)
   return TRUE;
 }
 
-GdCachedModel *
-gd_model_cache_acquire (const char *path, GError **error)
+static GdModel *
+load (const char *path, const char *config, GError **error)
 {
+  if (!*config)
+    return gd_model_load (path, error);
+  char *json = gd_checkpoint_read_config (config, error);
+  if (!json)
+    return NULL;
+  GdLoadOptions options = { .config = json };
+  GdModel *model = gd_checkpoint_load (path, &options, error);
+  g_free (json);
+  return model;
+}
+
+GdCachedModel *
+gd_model_cache_acquire (const char *path, const char *config, GError **error)
+{
+  if (!config)
+    config = "";
   char *key = g_canonicalize_filename (path, NULL);
   gint64 mtime;
   goffset size;
@@ -41,19 +58,21 @@ gd_model_cache_acquire (const char *path, GError **error)
   for (guint i = 0; i < cache->len && !entry; i++)
     {
       GdCachedModel *e = cache->pdata[i];
-      if (strcmp (e->path, key) == 0 && e->mtime == mtime && e->size == size)
+      if (strcmp (e->path, key) == 0 && strcmp (e->config, config) == 0 && e->mtime == mtime
+          && e->size == size)
         entry = e;
     }
   if (entry)
     entry->users++;
   else
     {
-      GdModel *model = gd_model_load (key, error);
+      GdModel *model = load (key, config, error);
       if (model)
         {
           entry = g_new0 (GdCachedModel, 1);
           entry->model = model;
           entry->path = key;
+          entry->config = g_strdup (config);
           key = NULL;
           entry->mtime = mtime;
           entry->size = size;
@@ -82,6 +101,7 @@ gd_model_cache_release (GdCachedModel *entry)
       gd_model_free (entry->model);
       g_mutex_clear (&entry->lock);
       g_free (entry->path);
+      g_free (entry->config);
       g_free (entry);
     }
 }

@@ -7,7 +7,8 @@ G_BEGIN_DECLS
 
 typedef struct {
   GdModel *model;
-  char *path;          /* canonical file name, the cache key */
+  char *path;          /* canonical file name, the cache key with config */
+  char *config;        /* architecture override of a .pt file ("" for none) */
   GMutex lock;         /* held around engine calls: a model keeps state per forward pass */
   /* private */
   gint64 mtime;
@@ -15,9 +16,10 @@ typedef struct {
   int users;
 } GdCachedModel;
 
-/* The model in `path`, loaded on first use.  A file changed on disk since it was loaded
- * is loaded again (users of the old copy keep it until they release it). */
-GdCachedModel *gd_model_cache_acquire (const char *path, GError **error);
+/* The model in `path`, loaded on first use; `config` (inline JSON or a JSON file, NULL or
+ * "" for none) overrides what a .pt file's weights leave open.  A file changed on disk
+ * since it was loaded is loaded again (users of the old copy keep it until they release it). */
+GdCachedModel *gd_model_cache_acquire (const char *path, const char *config, GError **error);
 void gd_model_cache_release (GdCachedModel *entry);
 
 /* Number of models held (for tests). */

@@ -68,9 +68,11 @@ gd_default_model_path (GdModelKind kind, GError **error)
 }
 
 GdCachedModel *
-gd_op_get_model (GeglOperation *op, const char *slot, const char *path, GdModelKind kind,
-                 GError **error)
+gd_op_get_model (GeglOperation *op, const char *slot, const char *path, const char *config,
+                 GdModelKind kind, GError **error)
 {
+  if (!config)
+    config = "";
   char *file = path && *path ? g_strdup (path) : gd_default_model_path (kind, error);
   if (!file)
     {
@@ -80,9 +82,9 @@ gd_op_get_model (GeglOperation *op, const char *slot, const char *path, GdModelK
   char *key = g_canonicalize_filename (file, NULL);
   GdCachedModel *held = g_object_get_data (G_OBJECT (op), slot);
   GdCachedModel *entry = held;
-  if (!held || strcmp (held->path, key) != 0)
+  if (!held || strcmp (held->path, key) != 0 || strcmp (held->config, config) != 0)
     {
-      entry = gd_model_cache_acquire (file, error);
+      entry = gd_model_cache_acquire (file, config, error);
       /* the new one is taken before the old one goes, so a file named again stays loaded */
       g_object_set_data_full (G_OBJECT (op), slot, entry,
                               (GDestroyNotify) gd_model_cache_release);

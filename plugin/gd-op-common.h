@@ -42,10 +42,11 @@ void gd_op_plan_end (GeglOperation *op, GdOpPlan *plan, GError *error);
  * ~/.local/share/guided-diffusion).  NULL with an error naming the missing file(s). */
 char *gd_default_model_path (GdModelKind kind, GError **error);
 
-/* The model a node's property names ("" = the default), held by the node (under `slot`)
- * until the property names another file or the node goes.  Checks its kind. */
+/* The model a node's property names ("" = the default), with the node's architecture
+ * override `config` for .pt files ("" = none), held by the node (under `slot`) until the
+ * properties name another file or override or the node goes.  Checks its kind. */
 GdCachedModel *gd_op_get_model (GeglOperation *op, const char *slot, const char *path,
-                                GdModelKind kind, GError **error);
+                                const char *config, GdModelKind kind, GError **error);
 /* Lets go of the model held under `slot`. */
 void gd_op_drop_model (GeglOperation *op, const char *slot);
 

@@ -542,16 +542,16 @@ test_model_cache (void)
     return;
   GError *error = NULL;
   guint before = gd_model_cache_count ();
-  GdCachedModel *a = gd_model_cache_acquire (unet28, &error);
+  GdCachedModel *a = gd_model_cache_acquire (unet28, NULL, &error);
   g_assert_no_error (error);
   /* another spelling of the same file is the same model */
   char *dir = g_path_get_dirname (unet28);
   char *other = g_build_filename (dir, ".", "model.safetensors", NULL);
-  GdCachedModel *b = gd_model_cache_acquire (other, &error);
+  GdCachedModel *b = gd_model_cache_acquire (other, "", &error);
   g_assert_no_error (error);
   g_assert_true (a == b);
   g_assert_cmpuint (gd_model_cache_count (), ==, before + 1);
-  GdCachedModel *c = gd_model_cache_acquire (classifier28, &error);
+  GdCachedModel *c = gd_model_cache_acquire (classifier28, NULL, &error);
   g_assert_no_error (error);
   g_assert_true (c != a);
   g_assert_cmpuint (gd_model_cache_count (), ==, before + 2);
@@ -560,9 +560,33 @@ test_model_cache (void)
   gd_model_cache_release (b);
   gd_model_cache_release (c);
   g_assert_cmpuint (gd_model_cache_count (), ==, before);
-  g_assert_null (gd_model_cache_acquire ("/nonexistent/model.safetensors", &error));
+  g_assert_null (gd_model_cache_acquire ("/nonexistent/model.safetensors", NULL, &error));
   g_assert_error (error, GD_ERROR, GD_ERROR_IO);
   g_clear_error (&error);
+
+  /* a .pt that is not a release: refused without its architecture, loaded with it (a file
+   * or inline JSON), and then holding the weights of its safetensors twin */
+  char *pt = g_build_filename (dir, "model.pt", NULL);
+  char *config = g_build_filename (dir, "config.json", NULL);
+  g_assert_null (gd_model_cache_acquire (pt, NULL, &error));
+  g_assert_nonnull (error);
+  g_clear_error (&error);
+  GdCachedModel *from_pt = gd_model_cache_acquire (pt, config, &error);
+  g_assert_no_error (error);
+  GdCachedModel *twin = gd_model_cache_acquire (unet28, NULL, &error);
+  g_assert_no_error (error);
+  g_assert_true (from_pt != twin);
+  for (guint i = 0; i < gd_model_n_params (twin->model); i++)
+    {
+      GdParam *p = gd_model_param (twin->model, i), *q = gd_model_param (from_pt->model, i);
+      g_assert_cmpstr (p->name, ==, q->name);
+      g_assert_cmpint (memcmp (p->data, q->data, sizeof (float) * p->numel), ==, 0);
+    }
+  gd_model_cache_release (from_pt);
+  gd_model_cache_release (twin);
+  g_assert_cmpuint (gd_model_cache_count (), ==, before);
+  g_free (pt);
+  g_free (config);
   g_free (dir);
   g_free (other);
 }
