@@ -4,7 +4,7 @@
 #ifdef GEGL_PROPERTIES
 
 property_file_path (classifier, "Classifier", "")
-  description ("Noisy classifier file (.safetensors); empty: the default classifier of the data dir")
+  description ("Noisy classifier file (.safetensors or .pt); empty: the default classifier of the data dir")
 property_string (classifier_config, "Classifier config", "")
   description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (class, "Class", -1)

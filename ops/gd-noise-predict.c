@@ -4,7 +4,7 @@
 #ifdef GEGL_PROPERTIES
 
 property_file_path (model, "Model", "")
-  description ("Diffusion model file (.safetensors); empty: the default model of the data dir")
+  description ("Diffusion model file (.safetensors or .pt); empty: the default model of the data dir")
 property_string (model_config, "Model config", "")
   description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
 property_int (class, "Class", -1)
