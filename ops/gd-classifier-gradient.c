@@ -1,22 +1,21 @@
 /* gd:classifier-gradient — d/dx_t log p(y | x_t) of a classifier trained on noisy images,
  * the guidance term of Dhariwal & Nichol (2021), Algorithms 1 and 2, before any scale.
  * The classifier sees x_t and the original timestep of respaced step `step`. */
+#include "gd-config-description.h"
+
 #ifdef GEGL_PROPERTIES
 
 property_file_path (classifier, "Classifier", "")
   description ("Noisy classifier file (.safetensors or .pt); empty: the default classifier of the data dir")
 property_string (classifier_config, "Classifier config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_int (class, "Class", -1)
   description ("Class y whose log-probability the gradient increases")
   value_range (-1, 100000)
   ui_range (-1, 1000)
 property_string (label, "Label", "")
   description ("Class by name from the classifier's label list, instead of the index")
-property_int (step, "Step", 0)
-  description ("Respaced step k of x_t: steps - 1 is the noisiest, 0 the last")
-  value_range (0, 100000)
-  ui_range (0, 1000)
+#include "gd-step-property.h"
 #include "gd-schedule-properties.h"
 
 #else

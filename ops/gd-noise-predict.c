@@ -1,22 +1,21 @@
 /* gd:noise-predict — one forward pass of the diffusion U-Net on x_t at respaced step
  * `step`: the predicted noise eps (and, for learned-sigma models, the variance values
  * that interpolate between beta_t and the posterior variance, Nichol & Dhariwal 2021). */
+#include "gd-config-description.h"
+
 #ifdef GEGL_PROPERTIES
 
 property_file_path (model, "Model", "")
   description ("Diffusion model file (.safetensors or .pt); empty: the default model of the data dir")
 property_string (model_config, "Model config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_int (class, "Class", -1)
   description ("Class label for a class-conditional model (-1: none)")
   value_range (-1, 100000)
   ui_range (-1, 1000)
 property_string (label, "Label", "")
   description ("Class by name from the model's label list, instead of the index")
-property_int (step, "Step", 0)
-  description ("Respaced step k of x_t: steps - 1 is the noisiest, 0 the last")
-  value_range (0, 100000)
-  ui_range (0, 1000)
+#include "gd-step-property.h"
 #include "gd-schedule-properties.h"
 
 #else

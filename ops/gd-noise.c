@@ -1,12 +1,14 @@
 /* gd:noise — x_T, the standard normal tensor a reverse diffusion starts from.  With the
  * same seed it is exactly the x_T gd:sample (and `guided sample`) starts from: stream 0
  * of the Philox key `seed`. */
+#include "gd-config-description.h"
+
 #ifdef GEGL_PROPERTIES
 
 property_file_path (model, "Model", "")
   description ("Diffusion model whose image size and channels the noise takes (empty: the default model of the data dir); not read when width, height and channels are all set")
 property_string (model_config, "Model config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_int (width, "Width", 0)
   description ("Tensor width; 0 takes the model's image size")
   value_range (0, 4096)

@@ -4,16 +4,18 @@
  * writes.  With an input image it varies that image (SDEdit, Meng et al. 2022: start
  * from it noised to step strength * steps); with a mask on aux it inpaints (white is
  * regenerated; elsewhere the image, noised to the current step, replaces the sample). */
+#include "gd-config-description.h"
+
 #ifdef GEGL_PROPERTIES
 
 property_file_path (model, "Model", "")
   description ("Diffusion model file (.safetensors or .pt); empty: the default model of the data dir")
 property_string (model_config, "Model config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_file_path (classifier, "Classifier", "")
   description ("Noisy classifier that guides; empty: the default classifier of the data dir (loaded only when guidance scale is not 0)")
 property_string (classifier_config, "Classifier config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_int (class, "Class", -1)
   description ("Class to guide toward (and of a class-conditional model); -1 draws one from the seed")
   value_range (-1, 100000)

@@ -2,20 +2,19 @@
  * by s * Sigma * grad (Dhariwal & Nichol 2021, Algorithm 1) or DDIM with eps shifted by
  * -sqrt(1 - alpha_bar) * s * grad (Algorithm 2).  The noise of a stochastic step k is
  * stream k + 1 of key `seed`, the noise gd:sample draws at that step. */
+#include "gd-config-description.h"
+
 #ifdef GEGL_PROPERTIES
 
 property_file_path (model, "Model", "")
   description ("Diffusion model whose schedule and variance the step uses (empty: the default model of the data dir)")
 property_string (model_config, "Model config", "")
-  description ("Architecture override for a .pt file that is not a released checkpoint: inline JSON or a JSON file, as guided convert --config takes it (empty: none)")
+  description (GD_CONFIG_DESCRIPTION)
 property_double (eta, "Eta", 0.0)
   description ("DDIM noise: 0 is deterministic, 1 matches DDPM's variance")
   value_range (0.0, 10.0)
   ui_range (0.0, 1.0)
-property_int (step, "Step", 0)
-  description ("Respaced step k of the input x_t: steps - 1 is the noisiest, 0 the last")
-  value_range (0, 100000)
-  ui_range (0, 1000)
+#include "gd-step-property.h"
 #include "gd-schedule-properties.h"
 property_double (guidance_scale, "Guidance scale", 1.0)
   description ("Scale s of the classifier gradient on aux2 (0: no guidance)")

@@ -695,24 +695,35 @@ test_model (Fixture *f, gconstpointer data)
   g_free (path);
 }
 
+/* The adaptive-pool reference model cut to its first `keep` bytes (keep < 0: all but the
+ * last -keep), or NULL (skipped) when the fixture is missing. */
+static char *
+truncated_reference_model (Fixture *f, gssize keep)
+{
+  char *source = reference_file (ADAPTIVE "/model.safetensors");
+  if (!source)
+    return NULL;
+  char *contents;
+  gsize len;
+  GError *error = NULL;
+  g_file_get_contents (source, &contents, &len, &error);
+  g_assert_no_error (error);
+  char *path = write_bytes (f, "model.safetensors", contents, keep < 0 ? len + keep : (gsize) keep);
+  g_free (contents);
+  g_free (source);
+  return path;
+}
+
 /* A reference model whose file is cut short: the header is intact, the last tensor's
  * offsets run past the end of what is left. */
 static void
 test_data_cut_short (Fixture *f, gconstpointer data)
 {
   (void) data;
-  char *source = reference_file (ADAPTIVE "/model.safetensors");
-  if (!source)
+  char *path = truncated_reference_model (f, -4);
+  if (!path)
     return;
-  char *contents;
-  gsize len;
   GError *error = NULL;
-  g_file_get_contents (source, &contents, &len, &error);
-  g_assert_no_error (error);
-  char *path = write_bytes (f, "model.safetensors", contents, len - 4);
-  g_free (contents);
-  g_free (source);
-
   const char *cause = "out of range (data section is";
   g_assert_null (gd_safetensors_open (path, &error));
   assert_gd_error (error, GD_ERROR_FORMAT, path, cause);
@@ -733,18 +744,10 @@ static void
 test_header_cut_short (Fixture *f, gconstpointer data)
 {
   (void) data;
-  char *source = reference_file (ADAPTIVE "/model.safetensors");
-  if (!source)
+  char *path = truncated_reference_model (f, 100);
+  if (!path)
     return;
-  char *contents;
-  gsize len;
   GError *error = NULL;
-  g_file_get_contents (source, &contents, &len, &error);
-  g_assert_no_error (error);
-  char *path = write_bytes (f, "model.safetensors", contents, 100);
-  g_free (contents);
-  g_free (source);
-
   const char *cause = "runs past the end of the file (100 bytes)";
   g_assert_null (gd_model_load (path, &error));
   assert_gd_error (error, GD_ERROR_FORMAT, path, cause);
