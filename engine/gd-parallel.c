@@ -1,4 +1,5 @@
 #include "gd-parallel.h"
+#include "gd-blas.h"
 
 #include <glib.h>
 #include <omp.h>
@@ -17,7 +18,6 @@ static gpointer
 initialise (gpointer unused)
 {
   (void) unused;
-  openblas_set_num_threads (1);
   threads = omp_get_num_procs ();
   const char *env = g_getenv ("GD_THREADS");
   if (env)
@@ -70,7 +70,7 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
   int column_blocks = block_count (n), row_blocks = column_blocks > 1 ? 1 : block_count (m);
   if (omp_in_parallel () || (column_blocks == 1 && row_blocks == 1))
     {
-      cblas_sgemm (CblasRowMajor, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      gd_blas_sgemm (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
     }
   if (column_blocks > 1)
@@ -82,7 +82,7 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
         {
           int first = p * size, count = MIN (size, n - first);
           const float *bp = trans_b == CblasNoTrans ? b + first : b + (size_t) first * ldb;
-          cblas_sgemm (CblasRowMajor, trans_a, trans_b, m, count, k, alpha, a, lda, bp, ldb,
+          gd_blas_sgemm (trans_a, trans_b, m, count, k, alpha, a, lda, bp, ldb,
                        beta, c + first, ldc);
         }
     }
@@ -95,7 +95,7 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
         {
           int first = p * size, count = MIN (size, m - first);
           const float *ap = trans_a == CblasNoTrans ? a + (size_t) first * lda : a + first;
-          cblas_sgemm (CblasRowMajor, trans_a, trans_b, count, n, k, alpha, ap, lda, b, ldb,
+          gd_blas_sgemm (trans_a, trans_b, count, n, k, alpha, ap, lda, b, ldb,
                        beta, c + (size_t) first * ldc, ldc);
         }
     }

@@ -7,7 +7,7 @@
 #include <glib.h>
 #include <stddef.h>
 
-/* Reads GD_THREADS once and pins OpenBLAS to one thread; called by every entry below. */
+/* Reads GD_THREADS once; called by every entry below (OpenBLAS runs one thread inside). */
 void gd_parallel_init (void);
 int gd_parallel_threads (void);
 

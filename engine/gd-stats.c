@@ -1,14 +1,9 @@
 #include "gd-stats.h"
+#include "gd-blas.h"
 #include "gd-error.h"
 
 #include <math.h>
 #include <string.h>
-
-/* LAPACK's symmetric eigensolver (OpenBLAS carries LAPACK); the trailing arguments are the
- * hidden lengths of the Fortran character arguments. */
-extern void dsyev_ (const char *jobz, const char *uplo, const int *n, double *a, const int *lda,
-                    double *w, double *work, const int *lwork, int *info, size_t jobz_len,
-                    size_t uplo_len);
 
 void
 gd_stats_mean_cov (const float *x, int n, int d, double *mean, double *cov)
@@ -44,10 +39,10 @@ eigen (double *a, int d, double *values, GError **error)
 {
   int lwork = -1, info = 0;
   double query;
-  dsyev_ ("V", "U", &d, a, &d, values, &query, &lwork, &info, 1, 1);
+  gd_blas_dsyev ("V", "U", &d, a, &d, values, &query, &lwork, &info);
   lwork = (int) query;
   double *work = g_new (double, MAX (lwork, 1));
-  dsyev_ ("V", "U", &d, a, &d, values, work, &lwork, &info, 1, 1);
+  gd_blas_dsyev ("V", "U", &d, a, &d, values, work, &lwork, &info);
   g_free (work);
   if (info != 0)
     {

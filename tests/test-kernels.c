@@ -8,6 +8,9 @@
 #include <glib.h>
 #include <math.h>
 #include <string.h>
+#include "gd-blas.h"
+
+static gboolean openblas_core_was_ours;
 
 static guint64 next_stream = 1;
 
@@ -402,10 +405,37 @@ test_frechet_distance (void)
   g_free (b);
 }
 
+/* OpenBLAS runs the kernels the engine chose for this processor, not its generic fallback
+ * (which a processor newer than the library gets, at a fifth of the speed). */
+static void
+test_blas_core (void)
+{
+  const char *wanted = gd_blas_core_for_processor ();
+  if (g_getenv ("OPENBLAS_CORETYPE") && !openblas_core_was_ours)
+    {
+      g_test_skip ("OPENBLAS_CORETYPE is set in the environment: OpenBLAS runs what it names");
+      return;
+    }
+  if (!wanted)
+    {
+      g_test_skip ("this processor has no AVX-512: OpenBLAS chooses its own kernels");
+      return;
+    }
+  g_assert_cmpstr (gd_blas_core (), ==, wanted);
+  float a[4] = { 1, 2, 3, 4 }, b[4] = { 5, 6, 7, 8 }, c[4] = { 1, 1, 1, 1 };
+  gd_blas_sgemm (CblasNoTrans, CblasNoTrans, 2, 2, 2, 1.0f, a, 2, b, 2, 1.0f, c, 2);
+  g_assert_cmpfloat (c[0], ==, 20.0f);
+  g_assert_cmpfloat (c[1], ==, 23.0f);
+  g_assert_cmpfloat (c[2], ==, 44.0f);
+  g_assert_cmpfloat (c[3], ==, 51.0f);
+}
+
 int
 main (int argc, char **argv)
 {
+  openblas_core_was_ours = g_getenv ("OPENBLAS_CORETYPE") == NULL;
   g_test_init (&argc, &argv, NULL);
+  g_test_add_func ("/kernels/blas-core", test_blas_core);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);

@@ -1,6 +1,7 @@
 /* guided bench: speed of the engine on the released 64x64 architectures (random weights,
  * no files needed), against the machine's own measured sgemm peak. */
 #include "guided.h"
+#include "gd-blas.h"
 #include "gd-diffusion.h"
 #include "gd-error.h"
 #include "gd-model.h"
@@ -183,7 +184,7 @@ bench (int runs, gboolean big, GError **error)
 {
   int status = 1;
   Step s = { 0 };
-  printf ("threads: %d\n\n", gd_parallel_threads ());
+  printf ("threads: %d; OpenBLAS kernels: %s\n\n", gd_parallel_threads (), gd_blas_core ());
   double peak = gemm_gflops (2048, 2048, 2048, runs);
   double conv_shaped = gemm_gflops (192, 4096, 1728, runs);
   printf ("sgemm peak (2048^3): %.1f GFLOPS; conv-shaped (192 x 4096 x 1728): %.1f GFLOPS\n\n",
