@@ -43,6 +43,9 @@ void gd_scale_shift_backward (const float *x, int n, int c, int hw, const float 
 void gd_add_channel_bias_forward (const float *x, int n, int c, int hw, const float *b, float *y);
 void gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, float *db);
 
+/* e^x as the vectorised kernels compute it (relative error below 1e-6 for x in [-87, 88]). */
+float gd_exp (float x);
+
 /* SiLU(x) = x * sigmoid(x). In-place forward allowed (y == x). */
 void gd_silu_forward (const float *x, size_t count, float *y);
 void gd_silu_backward (const float *x, size_t count, const float *dy, float *dx);

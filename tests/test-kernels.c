@@ -405,6 +405,24 @@ test_frechet_distance (void)
   g_free (b);
 }
 
+/* The vectorised exp against libm's double exp over the whole range it serves. */
+static void
+test_exp (void)
+{
+  double worst = 0.0;
+  for (int i = 0; i <= 1750000; i++)
+    {
+      float x = -87.0f + 1e-4f * (float) i;
+      double want = exp ((double) x);
+      worst = MAX (worst, fabs (gd_exp (x) - want) / want);
+    }
+  g_test_message ("worst relative error of gd_exp on [-87, 88]: %.2g", worst);
+  g_assert_cmpfloat (worst, <, 1e-6);
+  g_assert_cmpfloat (gd_exp (-1000.0f), <, 1e-37f);
+  g_assert_cmpfloat (gd_exp (-1000.0f), >=, 0.0f);
+  g_assert_true (isfinite (gd_exp (1000.0f)));
+}
+
 /* OpenBLAS runs the kernels the engine chose for this processor, not its generic fallback
  * (which a processor newer than the library gets, at a fifth of the speed). */
 static void
@@ -436,6 +454,7 @@ main (int argc, char **argv)
   openblas_core_was_ours = g_getenv ("OPENBLAS_CORETYPE") == NULL;
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/kernels/blas-core", test_blas_core);
+  g_test_add_func ("/kernels/exp", test_exp);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);
