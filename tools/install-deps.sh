@@ -8,6 +8,9 @@ packages=(
   dataset-fashion-mnist gnuplot-nox
   libminizip-dev
   libgegl-dev gegl
+  # the GIMP 2.10 plug-in and its test; a display and capture for ui/gimp-screenshots.sh
+  gimp libgimp2.0-dev gtk2-engines-pixbuf
+  xvfb xauth xdotool imagemagick
 )
 missing=()
 for p in "${packages[@]}"; do
