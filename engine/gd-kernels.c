@@ -5,8 +5,18 @@
 #include <cblas.h>
 #include <glib.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Loops over spans of elements, compiled for AVX-512, AVX2 and plain x86-64 and chosen at
+ * load time for the processor.  Parallel loops around them
+ * hand out fixed spans, so results do not depend on the thread count. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GD_VECTOR_CLONES __attribute__ ((target_clones ("avx512f", "avx2", "default")))
+#else
+#define GD_VECTOR_CLONES
+#endif
 
 /* ---- convolution ---- */
 
@@ -29,7 +39,7 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
 
 /* col[(ci, ky, kx), column + (oy, ox)] = x[ci, oy stride + ky - pad, ox stride + kx - pad]
  * or 0 outside the image; ld is the row length of col. */
-static void
+GD_VECTOR_CLONES static void
 im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float *col, size_t ld)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
@@ -57,7 +67,9 @@ im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float
               for (int ox = 0; ox < first; ox++)
                 dst[ox] = 0.0f;
               if (stride == 1)
-                memcpy (dst + first, src + first, sizeof (float) * (last - first));
+#pragma omp simd
+                for (int ox = first; ox < last; ox++)
+                  dst[ox] = src[ox];
               else
                 for (int ox = first; ox < last; ox++)
                   dst[ox] = src[ox * stride];
@@ -68,7 +80,7 @@ im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float
 }
 
 /* The adjoint of im2col: dx[ci, iy, ix] = sum of the col entries that read it. */
-static void
+GD_VECTOR_CLONES static void
 col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, int pad, float *dx)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
@@ -91,6 +103,7 @@ col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, i
               float *dst = dx + ((size_t) ci * h + iy) * w + kx - pad;
               const float *src = row + (size_t) oy * wo;
               if (stride == 1)
+#pragma omp simd
                 for (int ox = first; ox < last; ox++)
                   dst[ox] += src[ox];
               else
@@ -141,6 +154,72 @@ batch_columns (const float *x, int n, int cin, int h, int w, int k, int stride, 
       im2col (x + (size_t) i * cin * h * w, cin, h, w, k, stride, pad, col + (size_t) i * spatial, ld);
 }
 
+/* Several images: each thread takes whole images, so that an image's columns are still in
+ * the cache when its product reads them and the product lands in NCHW without a copy.
+ * The work buffer holds one image's columns per thread. */
+static int
+conv_lanes (int n)
+{
+  return MIN (n, gd_parallel_threads ());
+}
+
+static void
+conv_forward_per_image (const float *x, int n, int cin, int h, int w, const float *weight,
+                        const float *bias, int cout, int k, int stride, int pad, float *y,
+                        float *work)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  int spatial = ho * wo, depth = cin * k * k;
+  gboolean pointwise = conv_is_pointwise (k, stride, pad);
+#pragma omp parallel num_threads (conv_lanes (n))
+  {
+    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
+#pragma omp for schedule (dynamic)
+    for (int i = 0; i < n; i++)
+      {
+        const float *xi = x + (size_t) i * cin * h * w;
+        float *yi = y + (size_t) i * cout * spatial;
+        if (!pointwise)
+          im2col (xi, cin, h, w, k, stride, pad, col, spatial);
+        float beta = 0.0f;
+        if (bias)
+          {
+            for (int co = 0; co < cout; co++)
+              for (int s = 0; s < spatial; s++)
+                yi[(size_t) co * spatial + s] = bias[co];
+            beta = 1.0f;
+          }
+        gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth, 1.0f, weight, depth,
+                  pointwise ? xi : col, spatial, beta, yi, spatial);
+      }
+  }
+}
+
+/* The input gradient alone (no parameter gradients), image by image as above. */
+static void
+conv_backward_input_per_image (int n, int cin, int h, int w, const float *weight, int cout,
+                               int k, int stride, int pad, const float *dy, float *dx,
+                               float *work)
+{
+  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
+  int spatial = ho * wo, depth = cin * k * k;
+  gboolean pointwise = conv_is_pointwise (k, stride, pad);
+#pragma omp parallel num_threads (conv_lanes (n))
+  {
+    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
+#pragma omp for schedule (dynamic)
+    for (int i = 0; i < n; i++)
+      {
+        float *dxi = dx + (size_t) i * cin * h * w;
+        gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
+                  dy + (size_t) i * cout * spatial, spatial, 0.0f, pointwise ? dxi : col,
+                  spatial);
+        if (!pointwise)
+          col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
+      }
+  }
+}
+
 void
 gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                    const float *weight, const float *bias, int cout,
@@ -162,6 +241,11 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
         }
       gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth,
                    1.0f, weight, depth, x, spatial, beta, y, spatial);
+      return;
+    }
+  if (n >= 2)
+    {
+      conv_forward_per_image (x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
       return;
     }
   float *col = work, *product = work + (size_t) depth * columns;
@@ -187,6 +271,11 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
   size_t columns = (size_t) n * spatial;
+  if (n >= 2 && dx && !dweight && !dbias)
+    {
+      conv_backward_input_per_image (n, cin, h, w, weight, cout, k, stride, pad, dy, dx, work);
+      return;
+    }
   float *col = work, *dy_columns = work + (size_t) depth * columns;
   gather_channels (dy, n, cout, spatial, dy_columns);
   if (dbias)
@@ -258,44 +347,100 @@ gd_linear_backward (const float *x, int n, int in, const float *weight, int out,
 
 /* ---- group normalisation ---- */
 
+/* One group of one image: its mean and 1/std, and the normalised, scaled and shifted
+ * output of its cg channels. */
+GD_VECTOR_CLONES static void
+group_norm_group (const float *xg, int cg, int hw, const float *gamma, const float *beta,
+                  float *yg, float *mean, float *rstd)
+{
+  size_t count = (size_t) cg * hw;
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (size_t j = 0; j < count; j++)
+    sum += xg[j];
+  double mu = sum / (double) count;
+  double var = 0.0;
+#pragma omp simd reduction(+ : var)
+  for (size_t j = 0; j < count; j++)
+    {
+      double d = xg[j] - mu;
+      var += d * d;
+    }
+  var /= (double) count;
+  double r = 1.0 / sqrt (var + GD_GROUP_NORM_EPS);
+  *mean = (float) mu;
+  *rstd = (float) r;
+  for (int cc = 0; cc < cg; cc++)
+    {
+      float scale = (float) r * gamma[cc];
+      float offset = beta[cc] - (float) mu * scale;
+      const float *xc = xg + (size_t) cc * hw;
+      float *yc = yg + (size_t) cc * hw;
+#pragma omp simd
+      for (int s = 0; s < hw; s++)
+        yc[s] = xc[s] * scale + offset;
+    }
+}
+
 void
 gd_group_norm_forward (const float *x, int n, int c, int hw, int groups,
                        const float *gamma, const float *beta,
                        float *y, float *mean, float *rstd)
 {
   int cg = c / groups;
-  size_t count = (size_t) cg * hw;
 #pragma omp parallel for collapse(2)
   for (int i = 0; i < n; i++)
     for (int g = 0; g < groups; g++)
       {
-        const float *xg = x + ((size_t) i * c + (size_t) g * cg) * hw;
-        float *yg = y + ((size_t) i * c + (size_t) g * cg) * hw;
-        double sum = 0.0;
-        for (size_t j = 0; j < count; j++)
-          sum += xg[j];
-        double mu = sum / (double) count;
-        double var = 0.0;
-        for (size_t j = 0; j < count; j++)
-          {
-            double d = xg[j] - mu;
-            var += d * d;
-          }
-        var /= (double) count;
-        double r = 1.0 / sqrt (var + GD_GROUP_NORM_EPS);
-        mean[i * groups + g] = (float) mu;
-        rstd[i * groups + g] = (float) r;
-        for (int cc = 0; cc < cg; cc++)
-          {
-            int ch = g * cg + cc;
-            float scale = (float) r * gamma[ch];
-            float offset = beta[ch] - (float) mu * scale;
-            const float *xc = xg + (size_t) cc * hw;
-            float *yc = yg + (size_t) cc * hw;
-            for (int s = 0; s < hw; s++)
-              yc[s] = xc[s] * scale + offset;
-          }
+        size_t offset = ((size_t) i * c + (size_t) g * cg) * hw;
+        group_norm_group (x + offset, cg, hw, gamma + g * cg, beta + g * cg, y + offset,
+                          mean + i * groups + g, rstd + i * groups + g);
       }
+}
+
+/* One group of one image: dgamma and dbeta of its channels (added to), and dx. */
+GD_VECTOR_CLONES static void
+group_norm_group_backward (const float *xg, int cg, int hw, const float *gamma, double mu,
+                           double r, const float *dyg, float *dxg, float *dgamma,
+                           float *dbeta)
+{
+  size_t count = (size_t) cg * hw;
+  /* With xhat = (x - mu) r and g = dy * gamma:
+   * dx = r (g - mean(g) - xhat mean(g xhat)). */
+  double sum_g = 0.0, sum_g_xhat = 0.0;
+  for (int cc = 0; cc < cg; cc++)
+    {
+      const float *xc = xg + (size_t) cc * hw, *dyc = dyg + (size_t) cc * hw;
+      double dgamma_c = 0.0, dbeta_c = 0.0;
+#pragma omp simd reduction(+ : dgamma_c, dbeta_c)
+      for (int s = 0; s < hw; s++)
+        {
+          double xhat = (xc[s] - mu) * r;
+          dgamma_c += dyc[s] * xhat;
+          dbeta_c += dyc[s];
+        }
+      sum_g += dbeta_c * gamma[cc];
+      sum_g_xhat += dgamma_c * gamma[cc];
+      if (dgamma)
+        dgamma[cc] += (float) dgamma_c;
+      if (dbeta)
+        dbeta[cc] += (float) dbeta_c;
+    }
+  if (!dxg)
+    return;
+  double mean_g = sum_g / (double) count, mean_g_xhat = sum_g_xhat / (double) count;
+  for (int cc = 0; cc < cg; cc++)
+    {
+      const float *xc = xg + (size_t) cc * hw, *dyc = dyg + (size_t) cc * hw;
+      float *dxc = dxg + (size_t) cc * hw;
+      double gamma_c = gamma[cc];
+#pragma omp simd
+      for (int s = 0; s < hw; s++)
+        {
+          double xhat = (xc[s] - mu) * r;
+          dxc[s] = (float) (r * (dyc[s] * gamma_c - mean_g - xhat * mean_g_xhat));
+        }
+    }
 }
 
 void
@@ -304,7 +449,6 @@ gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
                         const float *dy, float *dx, float *dgamma, float *dbeta)
 {
   int cg = c / groups;
-  size_t count = (size_t) cg * hw;
   /* groups own disjoint channels, so their dgamma and dbeta sums never collide; the
    * images of a group are summed in order */
 #pragma omp parallel for
@@ -312,42 +456,10 @@ gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
     for (int i = 0; i < n; i++)
       {
         size_t base = ((size_t) i * c + (size_t) g * cg) * hw;
-        double mu = mean[i * groups + g], r = rstd[i * groups + g];
-        /* With xhat = (x - mu) r and g = dy * gamma:
-         * dx = r (g - mean(g) - xhat mean(g xhat)). */
-        double sum_g = 0.0, sum_g_xhat = 0.0;
-        for (int cc = 0; cc < cg; cc++)
-          {
-            int ch = g * cg + cc;
-            const float *xc = x + base + (size_t) cc * hw, *dyc = dy + base + (size_t) cc * hw;
-            double dgamma_c = 0.0, dbeta_c = 0.0;
-            for (int s = 0; s < hw; s++)
-              {
-                double xhat = (xc[s] - mu) * r;
-                dgamma_c += dyc[s] * xhat;
-                dbeta_c += dyc[s];
-              }
-            sum_g += dbeta_c * gamma[ch];
-            sum_g_xhat += dgamma_c * gamma[ch];
-            if (dgamma)
-              dgamma[ch] += (float) dgamma_c;
-            if (dbeta)
-              dbeta[ch] += (float) dbeta_c;
-          }
-        if (!dx)
-          continue;
-        double mean_g = sum_g / (double) count, mean_g_xhat = sum_g_xhat / (double) count;
-        for (int cc = 0; cc < cg; cc++)
-          {
-            int ch = g * cg + cc;
-            const float *xc = x + base + (size_t) cc * hw, *dyc = dy + base + (size_t) cc * hw;
-            float *dxc = dx + base + (size_t) cc * hw;
-            for (int s = 0; s < hw; s++)
-              {
-                double xhat = (xc[s] - mu) * r;
-                dxc[s] = (float) (r * (dyc[s] * gamma[ch] - mean_g - xhat * mean_g_xhat));
-              }
-          }
+        group_norm_group_backward (x + base, cg, hw, gamma + g * cg, mean[i * groups + g],
+                                   rstd[i * groups + g], dy + base, dx ? dx + base : NULL,
+                                   dgamma ? dgamma + g * cg : NULL,
+                                   dbeta ? dbeta + g * cg : NULL);
       }
 }
 
@@ -425,14 +537,6 @@ gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, 
 }
 
 /* ---- SiLU ---- */
-
-/* Loops over a span of elements, compiled for AVX-512, AVX2 and plain x86-64 and chosen at
- * load time for the processor; the parallel loops around them hand out fixed spans. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GD_VECTOR_CLONES __attribute__ ((target_clones ("avx512f", "avx2", "default")))
-#else
-#define GD_VECTOR_CLONES
-#endif
 
 #define SPAN 8192
 
@@ -751,6 +855,7 @@ gd_add (const float *a, const float *b, size_t count, float *y)
 void
 gd_accumulate (float *y, const float *x, size_t count)
 {
+#pragma omp simd
   for (size_t i = 0; i < count; i++)
     y[i] += x[i];
 }
