@@ -26,9 +26,8 @@ conv_out_size (int size, int k, int stride, int pad)
   return (size + 2 * pad - k) / stride + 1;
 }
 
-/* All images of a batch go through one GEMM: the columns of every image side by side
- * ([cin k k, n ho wo]), so that the matrix product is large enough to run at full speed
- * on every core; then the [cout, n ho wo] result is scattered back to NCHW. */
+/* Parameter gradients take all images of a batch in one GEMM: the columns of every image
+ * side by side ([cin k k, n ho wo]), so that the sum over images is inside the product. */
 size_t
 gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad)
 {
@@ -154,22 +153,26 @@ batch_columns (const float *x, int n, int cin, int h, int w, int k, int stride, 
       im2col (x + (size_t) i * cin * h * w, cin, h, w, k, stride, pad, col + (size_t) i * spatial, ld);
 }
 
-/* Several images: each thread takes whole images, so that an image's columns are still in
- * the cache when its product reads them and the product lands in NCHW without a copy.
- * The work buffer holds one image's columns per thread. */
+/* Forward passes and input gradients go image by image, each thread taking whole images:
+ * an image's columns are still in the cache when its product reads them, and the product
+ * lands in NCHW without a copy.  One image alone is one product that gd_sgemm cuts into
+ * blocks for the threads.  The work buffer holds one image's columns per thread. */
 static int
 conv_lanes (int n)
 {
   return MIN (n, gd_parallel_threads ());
 }
 
+/* forward: from = x [n, cin, h, w], to = y [n, cout, ho, wo];
+ * input gradient: from = dy [n, cout, ho, wo], to = dx [n, cin, h, w] (bias unused). */
 static void
-conv_forward_per_image (const float *x, int n, int cin, int h, int w, const float *weight,
-                        const float *bias, int cout, int k, int stride, int pad, float *y,
-                        float *work)
+conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int h, int w,
+                const float *weight, const float *bias, int cout, int k, int stride, int pad,
+                float *to, float *work)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
+  size_t image = (size_t) cin * h * w, result = (size_t) cout * spatial;
   gboolean pointwise = conv_is_pointwise (k, stride, pad);
 #pragma omp parallel num_threads (conv_lanes (n))
   {
@@ -177,8 +180,18 @@ conv_forward_per_image (const float *x, int n, int cin, int h, int w, const floa
 #pragma omp for schedule (dynamic)
     for (int i = 0; i < n; i++)
       {
-        const float *xi = x + (size_t) i * cin * h * w;
-        float *yi = y + (size_t) i * cout * spatial;
+        if (input_gradient)
+          {
+            /* dcol = W^T dy, then summed back onto the pixels it was read from */
+            float *dxi = to + i * image;
+            gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
+                      from + i * result, spatial, 0.0f, pointwise ? dxi : col, spatial);
+            if (!pointwise)
+              col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
+            continue;
+          }
+        const float *xi = from + i * image;
+        float *yi = to + i * result;
         if (!pointwise)
           im2col (xi, cin, h, w, k, stride, pad, col, spatial);
         float beta = 0.0f;
@@ -195,72 +208,12 @@ conv_forward_per_image (const float *x, int n, int cin, int h, int w, const floa
   }
 }
 
-/* The input gradient alone (no parameter gradients), image by image as above. */
-static void
-conv_backward_input_per_image (int n, int cin, int h, int w, const float *weight, int cout,
-                               int k, int stride, int pad, const float *dy, float *dx,
-                               float *work)
-{
-  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
-  int spatial = ho * wo, depth = cin * k * k;
-  gboolean pointwise = conv_is_pointwise (k, stride, pad);
-#pragma omp parallel num_threads (conv_lanes (n))
-  {
-    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
-#pragma omp for schedule (dynamic)
-    for (int i = 0; i < n; i++)
-      {
-        float *dxi = dx + (size_t) i * cin * h * w;
-        gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
-                  dy + (size_t) i * cout * spatial, spatial, 0.0f, pointwise ? dxi : col,
-                  spatial);
-        if (!pointwise)
-          col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
-      }
-  }
-}
-
 void
 gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                    const float *weight, const float *bias, int cout,
                    int k, int stride, int pad, float *y, float *work)
 {
-  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
-  int spatial = ho * wo, depth = cin * k * k;
-  size_t columns = (size_t) n * spatial;
-  if (n == 1 && conv_is_pointwise (k, stride, pad))
-    {
-      /* one image of a 1x1 convolution is already in column form */
-      float beta = 0.0f;
-      if (bias)
-        {
-          for (int co = 0; co < cout; co++)
-            for (int s = 0; s < spatial; s++)
-              y[(size_t) co * spatial + s] = bias[co];
-          beta = 1.0f;
-        }
-      gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth,
-                   1.0f, weight, depth, x, spatial, beta, y, spatial);
-      return;
-    }
-  if (n >= 2)
-    {
-      conv_forward_per_image (x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
-      return;
-    }
-  float *col = work, *product = work + (size_t) depth * columns;
-  batch_columns (x, n, cin, h, w, k, stride, pad, col);
-  float beta = 0.0f;
-  if (bias)
-    {
-      for (int co = 0; co < cout; co++)
-        for (size_t s = 0; s < columns; s++)
-          product[(size_t) co * columns + s] = bias[co];
-      beta = 1.0f;
-    }
-  gd_sgemm (CblasNoTrans, CblasNoTrans, cout, (int) columns, depth,
-               1.0f, weight, depth, col, (int) columns, beta, product, (int) columns);
-  scatter_channels (product, n, cout, spatial, y);
+  conv_per_image (FALSE, x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
 }
 
 void
@@ -271,9 +224,9 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
   size_t columns = (size_t) n * spatial;
-  if (n >= 2 && dx && !dweight && !dbias)
+  if (dx && !dweight && !dbias)
     {
-      conv_backward_input_per_image (n, cin, h, w, weight, cout, k, stride, pad, dy, dx, work);
+      conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work);
       return;
     }
   float *col = work, *dy_columns = work + (size_t) depth * columns;
