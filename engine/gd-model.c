@@ -123,6 +123,9 @@ struct GdModel {
   /* activations of the last forward */
   int n, h, w;
   gboolean grads;             /* parameter gradients are being accumulated */
+  gboolean inference;         /* gd_model_set_inference */
+  gboolean kept;              /* the last forward kept what a backward pass reads */
+  Buf shared[N_SAVED];        /* every layer's scratch in a forward that keeps nothing */
   const int64_t *labels;      /* y of the last forward (class-conditional U-Nets) */
   Buf temb, e1, e1s, emb, head_norm, head_silu, head_stats, pooled, pool_qkv_buf,
       pool_probs, pool_att, pool_out, work, dhead, dtmp, dtmp2, demb, de1;
@@ -210,6 +213,19 @@ layer_free (gpointer data)
   for (int i = 0; i < N_SAVED; i++)
     buf_clear (&l->saved[i]);
   g_free (l);
+}
+
+static void
+block_release_saved (Block *b)
+{
+  for (guint i = 0; i < b->layers->len; i++)
+    {
+      Layer *l = b->layers->pdata[i];
+      buf_clear (&l->dx);
+      for (int k = 0; k < N_SAVED; k++)
+        buf_clear (&l->saved[k]);
+    }
+  buf_clear (&b->dskip);
 }
 
 static Block *
@@ -568,6 +584,8 @@ gd_model_free (GdModel *m)
                   &m->pool_out, &m->work, &m->dhead, &m->dtmp, &m->dtmp2, &m->demb, &m->de1 };
   for (guint i = 0; i < G_N_ELEMENTS (bufs); i++)
     buf_clear (bufs[i]);
+  for (int i = 0; i < N_SAVED; i++)
+    buf_clear (&m->shared[i]);
   gd_safetensors_free (m->file);
   if (m->metadata)
     g_hash_table_unref (m->metadata);
@@ -906,12 +924,20 @@ resample_backward (int resample, int n, int c, int h, int w, const float *dy, fl
     gd_avg_pool2_backward (n, c, h, w, dy, dx);
 }
 
+/* Where a layer keeps its intermediate results: its own buffers when a backward pass may
+ * follow, else one set shared by all layers (a layer reads only its own while it runs). */
+static Buf *
+layer_saved (GdModel *m, Layer *l)
+{
+  return m->kept ? l->saved : m->shared;
+}
+
 static void
 res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
 {
   int n = l->n, h = l->h, w = l->w, cin = l->cin, cout = l->cout;
   size_t in_size = (size_t) n * cin * h * w;
-  Buf *s = l->saved;
+  Buf *s = layer_saved (m, l);
   if (l->resample == RESAMPLE_UP)
     l->ho = 2 * h, l->wo = 2 * w;
   else if (l->resample == RESAMPLE_DOWN)
@@ -1038,7 +1064,7 @@ attn_forward (GdModel *m, Layer *l, const float *x)
 {
   int n = l->n, c = l->cin, L = l->h * l->w;
   size_t size = (size_t) n * c * L;
-  Buf *s = l->saved;
+  Buf *s = layer_saved (m, l);
   l->ho = l->h;
   l->wo = l->w;
   float *a = buf_get (&s[S_A1], size);
@@ -1081,7 +1107,7 @@ plain_forward (GdModel *m, Layer *l, const float *x)
       l->ho = 2 * h;
       l->wo = 2 * w;
       size_t size = (size_t) n * l->cin * l->ho * l->wo;
-      float *up = buf_get (l->has_conv ? &l->saved[S_A1] : &l->out, size);
+      float *up = buf_get (l->has_conv ? &layer_saved (m, l)[S_A1] : &l->out, size);
       gd_upsample2_forward (x, n, l->cin, h, w, up);
       if (l->has_conv)
         conv_forward (m, &l->conv, up, n, l->ho, l->wo, buf_get (&l->out, size));
@@ -1410,12 +1436,13 @@ classifier_head_backward (GdModel *m, const float *dlogits, int n, int h, int w)
   return dx;
 }
 
-gboolean
-gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
-                  const int64_t *t, const int64_t *y, float *out, GError **error)
+static gboolean
+model_forward (GdModel *m, const float *x, int n, int h, int w, const int64_t *t,
+               const int64_t *y, float *out, gboolean keep, GError **error)
 {
   if (!gd_model_check_input (m, n, m->cfg.in_channels, h, w, y, error))
     return FALSE;
+  m->kept = keep;
   m->n = n;
   m->h = h;
   m->w = w;
@@ -1430,6 +1457,37 @@ gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
       classifier_head_forward (m, features, n, th, tw, out);
     }
   return TRUE;
+}
+
+gboolean
+gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
+                  const int64_t *t, const int64_t *y, float *out, GError **error)
+{
+  return model_forward (m, x, n, h, w, t, y, out, !m->inference || m->grads, error);
+}
+
+void
+gd_model_set_inference (GdModel *m, gboolean inference)
+{
+  if (m->inference == inference)
+    return;
+  m->inference = inference;
+  if (!inference)
+    return;
+  /* what earlier forward passes kept for a backward pass is not needed any more */
+  m->kept = FALSE;
+  GPtrArray *groups[] = { m->input_blocks, m->output_blocks };
+  for (guint g = 0; g < G_N_ELEMENTS (groups); g++)
+    for (guint b = 0; groups[g] && b < groups[g]->len; b++)
+      block_release_saved (groups[g]->pdata[b]);
+  if (m->middle)
+    block_release_saved (m->middle);
+}
+
+gboolean
+gd_model_get_inference (const GdModel *m)
+{
+  return m->inference;
 }
 
 /* Backward of emb = time_embed(timestep_embedding(t)) (+ label_emb(y)): parameter
@@ -1499,6 +1557,12 @@ unet_backward (GdModel *m, const float *dout, float *demb)
 gboolean
 gd_model_backward (GdModel *m, const float *dout, float *dx)
 {
+  if (!m->kept)
+    {
+      g_critical ("%s: a backward pass needs a forward pass that kept its activations "
+                  "(the model is in inference mode)", m->origin);
+      return FALSE;
+    }
   int n = m->n;
   float *demb = m->grads ? buf_zero (&m->demb, (size_t) n * m->emb_dim) : NULL;
   const float *dy;
@@ -1596,7 +1660,7 @@ gd_classifier_gradient (GdModel *m, const float *x, int n, int h, int w,
         return FALSE;
       }
   float *own_logits = logits ? logits : g_new (float, (size_t) n * classes);
-  gboolean ok = gd_model_forward (m, x, n, h, w, t, NULL, own_logits, error);
+  gboolean ok = model_forward (m, x, n, h, w, t, NULL, own_logits, TRUE, error);
   if (ok)
     {
       /* d/dlogits of log_softmax(logits)[y] = onehot(y) - softmax(logits) */

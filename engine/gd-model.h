@@ -103,6 +103,13 @@ gboolean gd_model_check_input (const GdModel *model, int n, int c, int h, int w,
 gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
                            const int64_t *t, const int64_t *y, float *out, GError **error);
 
+/* Inference mode: forward passes keep nothing for a backward pass, and all layers share
+ * one set of scratch buffers (memory of one layer instead of all).  gd_model_backward then
+ * refuses; gd_classifier_gradient and models with gradients enabled keep what they need
+ * anyway.  Off by default. */
+void gd_model_set_inference (GdModel *model, gboolean inference);
+gboolean gd_model_get_inference (const GdModel *model);
+
 /* A classifier's features: the vector its last layer reads ([n, gd_classifier_feature_size]),
  * i.e. the pooled activations (adaptive pooling) or the attention-pooled first token.
  * logits may be NULL. */

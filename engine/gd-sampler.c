@@ -166,6 +166,9 @@ gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError *
   float *known = o->mask ? g_new (float, count) : NULL;
   int64_t *t = g_new (int64_t, n);
   gboolean ok = TRUE;
+  /* the diffusion model runs forward only: its layers share their scratch */
+  gboolean was_inference = gd_model_get_inference (o->model);
+  gd_model_set_inference (o->model, TRUE);
 
   for (int it = 0; it < runs && ok; it++)
     {
@@ -222,5 +225,6 @@ gd_sample_run (const GdSampleOptions *o, float *x, int n, int h, int w, GError *
   g_free (pred_xstart);
   g_free (known);
   g_free (t);
+  gd_model_set_inference (o->model, was_inference);
   return ok;
 }

@@ -75,6 +75,7 @@ process (GeglOperation *operation, GeglBuffer *input, GeglBuffer *output,
       float *out = g_new (float, (size_t) cfg->out_channels * p.box.width * p.box.height);
       int64_t t = p.diffusion->timestep_map[o->step];
       g_mutex_lock (&p.model->lock);
+      gd_model_set_inference (p.model->model, TRUE);
       gboolean ok = gd_model_forward (p.model->model, x, 1, p.box.height, p.box.width, &t,
                                       cfg->num_classes > 0 ? &p.label : NULL, out, &error);
       g_mutex_unlock (&p.model->lock);

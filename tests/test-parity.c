@@ -80,6 +80,17 @@ test_fixture (gconstpointer data)
       float *out = g_new (float, (size_t) n * cfg->out_channels * h * w);
       g_assert_true (gd_model_forward (model, x, n, h, w, t, y, out, &error));
       assert_close (fixture, "out", out, gd_safetensors_find (io, "out"));
+      /* inference mode (layers sharing their scratch) computes the same numbers */
+      float *again = g_new (float, (size_t) n * cfg->out_channels * h * w);
+      gd_model_set_inference (model, TRUE);
+      g_assert_true (gd_model_forward (model, x, n, h, w, t, y, again, &error));
+      g_assert_cmpmem (out, sizeof (float) * n * cfg->out_channels * h * w,
+                       again, sizeof (float) * n * cfg->out_channels * h * w);
+      g_free (again);
+      /* and a backward pass after it is refused, not run on missing activations */
+      g_test_expect_message ("guided", G_LOG_LEVEL_CRITICAL, "*inference mode*");
+      g_assert_false (gd_model_backward (model, out, NULL));
+      g_test_assert_expected_messages ();
       g_free (out);
     }
   else

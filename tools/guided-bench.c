@@ -194,6 +194,8 @@ bench (int runs, gboolean big, GError **error)
   s.classifier = s.unet ? release_model ("64x64_classifier", error) : NULL;
   if (!s.classifier)
     goto out;
+  /* as in sampling: the diffusion model runs forward only */
+  gd_model_set_inference (s.unet, TRUE);
   s.size = 64;
   s.diffusion = gd_diffusion_new (GD_SCHEDULE_COSINE, 1000, "ddim25", GD_VARIANCE_LEARNED_RANGE, error);
   if (!s.diffusion)
@@ -259,6 +261,7 @@ bench (int runs, gboolean big, GError **error)
       large.unet = release_model ("256x256_diffusion_uncond", error);
       if (!large.unet)
         goto out;
+      gd_model_set_inference (large.unet, TRUE);
       step_alloc (&large, 1);
       double seconds, gflop;
       gboolean ok = measure (run_unet, &large, MAX (1, runs / 2), &seconds, &gflop, error);

@@ -35,6 +35,7 @@ judge_batch (GdModel *judge, const float *x, int n, int size, int classes, float
 {
   int64_t *t = g_new0 (int64_t, n);
   float *logits = g_new (float, (size_t) n * classes);
+  gd_model_set_inference (judge, TRUE);
   gboolean ok = gd_classifier_features (judge, x, n, size, size, t, logits, features, error);
   for (int i = 0; ok && i < n; i++)
     {

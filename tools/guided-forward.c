@@ -69,6 +69,7 @@ run (const char *model_path, const char *config, const char *in_path, const char
   if (cfg->kind == GD_MODEL_UNET)
     {
       result = g_new (float, (size_t) n * cfg->out_channels * h * w);
+      gd_model_set_inference (model, TRUE);
       if (!gd_model_forward (model, x, n, h, w, t, y, result, error))
         {
           gd_st_writer_free (writer);
