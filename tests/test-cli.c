@@ -350,15 +350,52 @@ test_evaluate (void)
   char *model = ref_path ("unet/gray28_uncond", "model.safetensors");
   char *classifier = ref_path ("classifier/gray28_attnpool", "model.safetensors");
   char *tsv = tmp_path ("evaluate.tsv"), *grid = tmp_path ("evaluate.png");
-  char *err = NULL;
+  char *samples = tmp_path ("evaluate-samples"), *err = NULL;
   int status = run_guided (&err, NULL, "evaluate", "-m", model, "-c", classifier, "-j", classifier,
                            "-d", "/usr/share/datasets/fashion-mnist", "--test-images", "100",
                            "--samples", "20", "--batch", "10", "--steps", "2", "--scales", "0,8",
-                           "--tsv", tsv, "--grid", grid, NULL);
+                           "--tsv", tsv, "--grid", grid, "--samples-dir", samples, NULL);
   if (status != 0)
     g_error ("guided evaluate failed: %s", err);
   char *text = NULL;
   g_assert_true (g_file_get_contents (tsv, &text, NULL, NULL));
+  /* the samples were kept, a batch a file; a rerun takes them and gives the same numbers */
+  const char *kept[] = { "made-with", "scale-0-from-0.f32", "scale-0-from-10.f32",
+                         "scale-8-from-0.f32", "scale-8-from-10.f32" };
+  for (guint i = 0; i < G_N_ELEMENTS (kept); i++)
+    {
+      char *path = g_build_filename (samples, kept[i], NULL);
+      g_assert_true (g_file_test (path, G_FILE_TEST_IS_REGULAR));
+      g_free (path);
+    }
+  char *tsv_again = tmp_path ("evaluate-again.tsv"), *text_again = NULL;
+  g_free (err);
+  status = run_guided (&err, NULL, "evaluate", "-m", model, "-c", classifier, "-j", classifier,
+                       "-d", "/usr/share/datasets/fashion-mnist", "--test-images", "100",
+                       "--samples", "20", "--batch", "10", "--steps", "2", "--scales", "0,8",
+                       "--tsv", tsv_again, "--samples-dir", samples, NULL);
+  g_assert_cmpint (status, ==, 0);
+  g_assert_true (g_file_get_contents (tsv_again, &text_again, NULL, NULL));
+  g_assert_cmpstr (text, ==, text_again);
+  /* other settings do not mix with them */
+  g_free (err);
+  status = run_guided (&err, NULL, "evaluate", "-m", model, "-c", classifier, "-j", classifier,
+                       "-d", "/usr/share/datasets/fashion-mnist", "--test-images", "100",
+                       "--samples", "20", "--batch", "10", "--steps", "3", "--scales", "0,8",
+                       "--samples-dir", samples, NULL);
+  g_assert_cmpint (status, !=, 0);
+  g_assert_nonnull (strstr (err, "other models or settings"));
+  for (guint i = 0; i < G_N_ELEMENTS (kept); i++)
+    {
+      char *path = g_build_filename (samples, kept[i], NULL);
+      g_unlink (path);
+      g_free (path);
+    }
+  g_rmdir (samples);
+  g_unlink (tsv_again);
+  g_free (tsv_again);
+  g_free (text_again);
+  g_free (samples);
   char **lines = g_strsplit (g_strchomp (text), "\n", -1);
   g_assert_cmpuint (g_strv_length (lines), ==, 3);
   for (int i = 1; i < 3; i++)

@@ -10,13 +10,15 @@
 #include "gd-sampler.h"
 #include "gd-stats.h"
 
+#include <errno.h>
+#include <glib/gstdio.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
 typedef struct {
-  char *model, *classifier, *judge, *data, *split, *scales, *grid, *table, *tsv;
+  char *model, *classifier, *judge, *data, *split, *scales, *grid, *table, *tsv, *samples_dir;
   int samples, steps, batch, test_images;
   gint64 seed;
 } Options;
@@ -72,6 +74,87 @@ class_variety (const float *features, const int *classes_of, int n, int d, int c
   return counted ? total / counted : 0.0;
 }
 
+/* --samples-dir: each batch of samples is kept as a file once made, so that a stopped
+ * evaluation resumes where it was and another judge can be run on the same samples.  The
+ * folder's `made-with` file names the models and settings; other ones are refused. */
+static gboolean
+samples_dir_open (const Options *opt, GError **error)
+{
+  if (g_mkdir_with_parents (opt->samples_dir, 0755) != 0)
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_IO, "%s: cannot create the folder: %s",
+                   opt->samples_dir, g_strerror (errno));
+      return FALSE;
+    }
+  GStatBuf model_stat, classifier_stat;
+  if (g_stat (opt->model, &model_stat) != 0 || g_stat (opt->classifier, &classifier_stat) != 0)
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_IO, "cannot read the models' file sizes");
+      return FALSE;
+    }
+  char *key = g_strdup_printf ("model %s (%" G_GINT64_FORMAT " bytes, modified %" G_GINT64_FORMAT
+                               ")\nclassifier %s (%" G_GINT64_FORMAT " bytes, modified %"
+                               G_GINT64_FORMAT ")\nDDIM %d steps, batches of %d, first seed %"
+                               G_GINT64_FORMAT "\n", opt->model, (gint64) model_stat.st_size,
+                               (gint64) model_stat.st_mtime, opt->classifier,
+                               (gint64) classifier_stat.st_size, (gint64) classifier_stat.st_mtime,
+                               opt->steps, opt->batch, opt->seed);
+  char *path = g_build_filename (opt->samples_dir, "made-with", NULL), *old = NULL;
+  gboolean ok = TRUE;
+  if (g_file_get_contents (path, &old, NULL, NULL))
+    {
+      if (strcmp (old, key) != 0)
+        {
+          g_set_error (error, GD_ERROR, GD_ERROR_INPUT,
+                       "%s holds samples made with other models or settings (see its made-with "
+                       "file); choose another folder", opt->samples_dir);
+          ok = FALSE;
+        }
+    }
+  else
+    ok = g_file_set_contents (path, key, -1, error);
+  g_free (old);
+  g_free (path);
+  g_free (key);
+  return ok;
+}
+
+static char *
+samples_path (const Options *opt, double scale, int first)
+{
+  char name[64];
+  g_snprintf (name, sizeof name, "scale-%g-from-%d.f32", scale, first);
+  return g_build_filename (opt->samples_dir, name, NULL);
+}
+
+/* TRUE and x filled when the batch was made before. */
+static gboolean
+samples_load (const Options *opt, double scale, int first, float *x, size_t count)
+{
+  if (!opt->samples_dir)
+    return FALSE;
+  char *path = samples_path (opt, scale, first), *data = NULL;
+  gsize length = 0;
+  gboolean found = g_file_get_contents (path, &data, &length, NULL) && length == count * sizeof (float);
+  if (found)
+    memcpy (x, data, length);
+  g_free (data);
+  g_free (path);
+  return found;
+}
+
+static gboolean
+samples_save (const Options *opt, double scale, int first, const float *x, size_t count,
+              GError **error)
+{
+  if (!opt->samples_dir)
+    return TRUE;
+  char *path = samples_path (opt, scale, first);
+  gboolean ok = g_file_set_contents (path, (const char *) x, (gssize) (count * sizeof (float)), error);
+  g_free (path);
+  return ok;
+}
+
 static int
 evaluate (Options *opt, GError **error)
 {
@@ -99,6 +182,8 @@ evaluate (Options *opt, GError **error)
       g_array_append_val (scales, s);
     }
   g_strfreev (parts);
+  if (opt->samples_dir && !samples_dir_open (opt, error))
+    goto out;
   if (!(model = gd_model_load (opt->model, error)) || !(classifier = gd_model_load (opt->classifier, error))
       || !(judge = gd_model_load (opt->judge, error)))
     goto out;
@@ -187,13 +272,21 @@ evaluate (Options *opt, GError **error)
           o.settings.sampler = GD_SAMPLER_DDIM;
           o.settings.guidance_scale = scale;
           o.settings.clip_denoised = TRUE;
-          gd_sample_initial_noise (o.seed, n, per_image, x);
-          if (!gd_sample_run (&o, x, n, size, size, error))
+          if (!samples_load (opt, scale, i, x, n * per_image))
             {
-              g_free (labels_batch);
-              goto out;
+              gd_sample_initial_noise (o.seed, n, per_image, x);
+              if (!gd_sample_run (&o, x, n, size, size, error))
+                {
+                  g_free (labels_batch);
+                  goto out;
+                }
+              quantise (x, n * per_image);
+              if (!samples_save (opt, scale, i, x, n * per_image, error))
+                {
+                  g_free (labels_batch);
+                  goto out;
+                }
             }
-          quantise (x, n * per_image);
           if (!judge_batch (judge, x, n, size, classes, features + (size_t) i * d, predictions + i, error))
             {
               g_free (labels_batch);
@@ -293,6 +386,7 @@ guided_evaluate_main (int argc, char **argv)
     { "grid", 0, 0, G_OPTION_ARG_FILENAME, &opt.grid, "PNG: a row per class, a column per scale", "FILE" },
     { "table", 0, 0, G_OPTION_ARG_FILENAME, &opt.table, "Markdown table", "FILE" },
     { "tsv", 0, 0, G_OPTION_ARG_FILENAME, &opt.tsv, "The numbers as TSV (for plotting)", "FILE" },
+    { "samples-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt.samples_dir, "Keep the samples here; a rerun resumes from them", "DIR" },
     { NULL }
   };
   GOptionContext *context = g_option_context_new ("- judge guided samples across guidance scales");
@@ -334,5 +428,6 @@ done:
   g_free (opt.grid);
   g_free (opt.table);
   g_free (opt.tsv);
+  g_free (opt.samples_dir);
   return status;
 }
