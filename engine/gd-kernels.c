@@ -36,11 +36,96 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
   return (depth + (size_t) cout) * columns;
 }
 
+/* The 3x3, stride 1, pad 1 case of im2col and col2im, which nearly every layer is: the
+ * row of tap (ky, kx) is the channel shifted by (ky - 1, kx - 1), so it is one flat copy
+ * (or sum) of the whole channel, with the column that wrapped around to the next image
+ * row set to zero. */
+static gboolean
+conv_is_3x3_same (int k, int stride, int pad)
+{
+  return k == 3 && stride == 1 && pad == 1;
+}
+
+/* valid output rows [*first, *last) of vertical shift dy; the flat span they cover */
+static void
+shift_rows (int h, int dy, int *first, int *last)
+{
+  *first = dy < 0 ? 1 : 0;
+  *last = dy > 0 ? h - 1 : h;
+}
+
+GD_VECTOR_CLONES static void
+im2col_3x3 (const float *x, int cin, int h, int w, float *col, size_t ld)
+{
+  size_t plane = (size_t) h * w;
+  for (int ci = 0; ci < cin; ci++)
+    for (int ky = 0; ky < 3; ky++)
+      for (int kx = 0; kx < 3; kx++)
+        {
+          float *row = col + (((size_t) ci * 3 + ky) * 3 + kx) * ld;
+          const float *src = x + ci * plane;
+          int dy = ky - 1, dx = kx - 1, first, last;
+          shift_rows (h, dy, &first, &last);
+          memset (row, 0, sizeof (float) * first * w);
+          memset (row + (size_t) last * w, 0, sizeof (float) * (h - last) * w);
+          size_t span = (size_t) (last - first) * w;
+          if (span == 0)
+            continue;
+          float *dst = row + (size_t) first * w;
+          const float *from = src + (size_t) (first + dy) * w;
+          /* dst[j] = from[j + dx]; the one element that would be read outside the
+           * channel is the wrapped column, zeroed below */
+          if (dx < 0)
+            memcpy (dst + 1, from, sizeof (float) * (span - 1));
+          else if (dx > 0)
+            memcpy (dst, from + 1, sizeof (float) * (span - 1));
+          else
+            memcpy (dst, from, sizeof (float) * span);
+          if (dx != 0)
+            for (int oy = first; oy < last; oy++)
+              row[(size_t) oy * w + (dx < 0 ? 0 : w - 1)] = 0.0f;
+        }
+}
+
+/* The adjoint; col is scratch and its wrapped columns are zeroed first. */
+GD_VECTOR_CLONES static void
+col2im_3x3 (float *col, size_t ld, int cin, int h, int w, float *dx_image)
+{
+  size_t plane = (size_t) h * w;
+  memset (dx_image, 0, sizeof (float) * cin * plane);
+  for (int ci = 0; ci < cin; ci++)
+    for (int ky = 0; ky < 3; ky++)
+      for (int kx = 0; kx < 3; kx++)
+        {
+          float *row = col + (((size_t) ci * 3 + ky) * 3 + kx) * ld;
+          int dy = ky - 1, dx = kx - 1, first, last;
+          shift_rows (h, dy, &first, &last);
+          if (last <= first)
+            continue;
+          if (dx != 0)
+            for (int oy = first; oy < last; oy++)
+              row[(size_t) oy * w + (dx < 0 ? 0 : w - 1)] = 0.0f;
+          size_t span = (size_t) (last - first) * w;
+          const float *from = row + (size_t) first * w;
+          float *to = dx_image + ci * plane + (size_t) (first + dy) * w;
+          /* to[j + dx] += from[j], leaving out the element outside the channel */
+          size_t begin = dx < 0 ? 1 : 0, end = dx > 0 ? span - 1 : span;
+#pragma omp simd
+          for (size_t j = begin; j < end; j++)
+            to[j + dx] += from[j];
+        }
+}
+
 /* col[(ci, ky, kx), column + (oy, ox)] = x[ci, oy stride + ky - pad, ox stride + kx - pad]
  * or 0 outside the image; ld is the row length of col. */
 GD_VECTOR_CLONES static void
 im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float *col, size_t ld)
 {
+  if (conv_is_3x3_same (k, stride, pad))
+    {
+      im2col_3x3 (x, cin, h, w, col, ld);
+      return;
+    }
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   for (int ci = 0; ci < cin; ci++)
     for (int ky = 0; ky < k; ky++)
@@ -78,10 +163,16 @@ im2col (const float *x, int cin, int h, int w, int k, int stride, int pad, float
         }
 }
 
-/* The adjoint of im2col: dx[ci, iy, ix] = sum of the col entries that read it. */
+/* The adjoint of im2col: dx[ci, iy, ix] = sum of the col entries that read it (col is
+ * scratch: the 3x3 case writes zeros into it). */
 GD_VECTOR_CLONES static void
-col2im (const float *col, size_t ld, int cin, int h, int w, int k, int stride, int pad, float *dx)
+col2im (float *col, size_t ld, int cin, int h, int w, int k, int stride, int pad, float *dx)
 {
+  if (conv_is_3x3_same (k, stride, pad))
+    {
+      col2im_3x3 (col, ld, cin, h, w, dx);
+      return;
+    }
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   memset (dx, 0, sizeof (float) * (size_t) cin * h * w);
   for (int ci = 0; ci < cin; ci++)

@@ -110,6 +110,56 @@ static void test_conv3x3 (void) { check_conv (3, 1, 1); }
 static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1); }
 static void test_conv1x1 (void) { check_conv (1, 1, 0); }
 
+/* Convolutions against the textbook sums, on shapes down to one pixel (the 3x3 fast path
+ * shifts whole channels, so image edges and 1-wide images are where it could go wrong):
+ * the forward pass, and the input gradient alone as the sampler's guidance computes it. */
+static void
+test_conv_direct (void)
+{
+  const int shapes[][2] = { { 1, 1 }, { 1, 4 }, { 4, 1 }, { 2, 3 }, { 7, 7 }, { 5, 9 } };
+  const int kinds[][3] = { { 3, 1, 1 }, { 3, 2, 1 }, { 1, 1, 0 } };
+  for (guint s = 0; s < G_N_ELEMENTS (shapes); s++)
+    for (guint q = 0; q < G_N_ELEMENTS (kinds); q++)
+      {
+        int n = 2, cin = 3, cout = 4, h = shapes[s][0], w = shapes[s][1];
+        int k = kinds[q][0], stride = kinds[q][1], pad = kinds[q][2];
+        int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
+        size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * ho * wo;
+        float *x = random_buffer (xs, 1), *weight = random_buffer ((size_t) cout * cin * k * k, 0.5f);
+        float *bias = random_buffer (cout, 0.5f), *dy = random_buffer (ys, 1);
+        float *y = g_new (float, ys), *dx = g_new (float, xs);
+        float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, k, stride, pad));
+        gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
+        gd_conv2d_backward (x, n, cin, h, w, weight, cout, k, stride, pad, dy, dx, NULL, NULL, work);
+        double *want_dx = g_new0 (double, xs);
+        for (int i = 0; i < n; i++)
+          for (int co = 0; co < cout; co++)
+            for (int oy = 0; oy < ho; oy++)
+              for (int ox = 0; ox < wo; ox++)
+                {
+                  double sum = bias[co];
+                  double g = dy[(((size_t) i * cout + co) * ho + oy) * wo + ox];
+                  for (int ci = 0; ci < cin; ci++)
+                    for (int ky = 0; ky < k; ky++)
+                      for (int kx = 0; kx < k; kx++)
+                        {
+                          int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
+                          if (iy < 0 || iy >= h || ix < 0 || ix >= w)
+                            continue;
+                          double wv = weight[(((size_t) co * cin + ci) * k + ky) * k + kx];
+                          size_t at = (((size_t) i * cin + ci) * h + iy) * w + ix;
+                          sum += wv * x[at];
+                          want_dx[at] += wv * g;
+                        }
+                  g_assert_cmpfloat (fabs (y[(((size_t) i * cout + co) * ho + oy) * wo + ox] - sum), <, 1e-5);
+                }
+        for (size_t j = 0; j < xs; j++)
+          g_assert_cmpfloat (fabs (dx[j] - want_dx[j]), <, 1e-5);
+        g_free (x); g_free (weight); g_free (bias); g_free (dy); g_free (y); g_free (dx);
+        g_free (work); g_free (want_dx);
+      }
+}
+
 /* ---- linear ---- */
 
 typedef struct { int n, in, out; float *x, *weight, *bias, *r, *y; } LinearCase;
@@ -458,6 +508,7 @@ main (int argc, char **argv)
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);
+  g_test_add_func ("/kernels/conv-direct", test_conv_direct);
   g_test_add_func ("/kernels/linear", test_linear);
   g_test_add_func ("/kernels/group-norm", test_group_norm);
   g_test_add_func ("/kernels/scale-shift-and-bias", test_modulation);
