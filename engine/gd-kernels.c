@@ -18,6 +18,33 @@
 #define GD_VECTOR_CLONES
 #endif
 
+/* e^x in single precision, written so that loops of it vectorise: x = n ln2 + r with
+ * |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-7 before
+ * rounding), 2^n put into the exponent bits.  x is clamped to [-87, 88]: below, the result
+ * is the smallest normal number's order instead of a denormal or 0. */
+static inline float
+exp_vectorisable (float x)
+{
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  /* n = round (x / ln2): adding 1.5 * 2^23 leaves no fraction bits to round into */
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = fmaf (n, -0.693145751953125f, x);
+  r = fmaf (n, -1.428606765330187045e-06f, r);
+  float p = 1.0f / 5040.0f;
+  p = fmaf (p, r, 1.0f / 720.0f);
+  p = fmaf (p, r, 1.0f / 120.0f);
+  p = fmaf (p, r, 1.0f / 24.0f);
+  p = fmaf (p, r, 1.0f / 6.0f);
+  p = fmaf (p, r, 0.5f);
+  p = fmaf (p, r, 1.0f);
+  p = fmaf (p, r, 1.0f);
+  int32_t bits = ((int32_t) n + 127) << 23;
+  float scale;
+  memcpy (&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 /* ---- convolution ---- */
 
 static int
@@ -289,8 +316,12 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
         if (bias)
           {
             for (int co = 0; co < cout; co++)
-              for (int s = 0; s < spatial; s++)
-                yi[(size_t) co * spatial + s] = bias[co];
+              {
+                float *row = yi + (size_t) co * spatial, value = bias[co];
+#pragma omp simd
+                for (int s = 0; s < spatial; s++)
+                  row[s] = value;
+              }
             beta = 1.0f;
           }
         gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth, 1.0f, weight, depth,
@@ -392,10 +423,12 @@ gd_linear_backward (const float *x, int n, int in, const float *weight, int out,
 /* ---- group normalisation ---- */
 
 /* One group of one image: its mean and 1/std, and the normalised, scaled and shifted
- * output of its cg channels. */
+ * values v of its cg channels, then optionally v (1 + ss_scale) + ss_shift, written to y
+ * (if not NULL) and as SiLU(v) to act (if not NULL). */
 GD_VECTOR_CLONES static void
 group_norm_group (const float *xg, int cg, int hw, const float *gamma, const float *beta,
-                  float *yg, float *mean, float *rstd)
+                  const float *ss_scale, const float *ss_shift, float *yg, float *actg,
+                  float *mean, float *rstd)
 {
   size_t count = (size_t) cg * hw;
   double sum = 0.0;
@@ -418,11 +451,35 @@ group_norm_group (const float *xg, int cg, int hw, const float *gamma, const flo
     {
       float scale = (float) r * gamma[cc];
       float offset = beta[cc] - (float) mu * scale;
+      float modulate = ss_scale ? 1.0f + ss_scale[cc] : 1.0f, shift = ss_shift ? ss_shift[cc] : 0.0f;
       const float *xc = xg + (size_t) cc * hw;
-      float *yc = yg + (size_t) cc * hw;
+      float *yc = yg ? yg + (size_t) cc * hw : NULL, *ac = actg ? actg + (size_t) cc * hw : NULL;
+      if (!ss_scale && yc && !ac)
+        {
 #pragma omp simd
-      for (int s = 0; s < hw; s++)
-        yc[s] = xc[s] * scale + offset;
+          for (int s = 0; s < hw; s++)
+            yc[s] = xc[s] * scale + offset;
+          continue;
+        }
+      for (int s0 = 0; s0 < hw; s0 += 256)
+        {
+          /* a stretch at a time, so that each loop below stays simple to vectorise */
+          float v[256];
+          int len = MIN (256, hw - s0);
+#pragma omp simd
+          for (int s = 0; s < len; s++)
+            v[s] = xc[s0 + s] * scale + offset;
+          if (ss_scale)
+#pragma omp simd
+            for (int s = 0; s < len; s++)
+              v[s] = v[s] * modulate + shift;
+          if (yc)
+            memcpy (yc + s0, v, sizeof (float) * len);
+          if (ac)
+#pragma omp simd
+            for (int s = 0; s < len; s++)
+              ac[s0 + s] = v[s] / (1.0f + exp_vectorisable (-v[s]));
+        }
     }
 }
 
@@ -431,13 +488,24 @@ gd_group_norm_forward (const float *x, int n, int c, int hw, int groups,
                        const float *gamma, const float *beta,
                        float *y, float *mean, float *rstd)
 {
+  gd_group_norm_act_forward (x, n, c, hw, groups, gamma, beta, NULL, y, NULL, mean, rstd);
+}
+
+void
+gd_group_norm_act_forward (const float *x, int n, int c, int hw, int groups,
+                           const float *gamma, const float *beta, const float *ss,
+                           float *y, float *act, float *mean, float *rstd)
+{
   int cg = c / groups;
 #pragma omp parallel for collapse(2)
   for (int i = 0; i < n; i++)
     for (int g = 0; g < groups; g++)
       {
         size_t offset = ((size_t) i * c + (size_t) g * cg) * hw;
-        group_norm_group (x + offset, cg, hw, gamma + g * cg, beta + g * cg, y + offset,
+        const float *ss_scale = ss ? ss + (size_t) i * 2 * c + (size_t) g * cg : NULL;
+        const float *ss_shift = ss ? ss + (size_t) i * 2 * c + c + (size_t) g * cg : NULL;
+        group_norm_group (x + offset, cg, hw, gamma + g * cg, beta + g * cg, ss_scale, ss_shift,
+                          y ? y + offset : NULL, act ? act + offset : NULL,
                           mean + i * groups + g, rstd + i * groups + g);
       }
 }
@@ -584,32 +652,6 @@ gd_add_channel_bias_backward (int n, int c, int hw, const float *dy, float *dx, 
 
 #define SPAN 8192
 
-/* e^x in single precision, written so that loops of it vectorise: x = n ln2 + r with
- * |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-7 before
- * rounding), 2^n put into the exponent bits.  x is clamped to [-87, 88]: below, the result
- * is the smallest normal number's order instead of a denormal or 0. */
-static inline float
-exp_vectorisable (float x)
-{
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  /* n = round (x / ln2): adding 1.5 * 2^23 leaves no fraction bits to round into */
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = fmaf (n, -0.693145751953125f, x);
-  r = fmaf (n, -1.428606765330187045e-06f, r);
-  float p = 1.0f / 5040.0f;
-  p = fmaf (p, r, 1.0f / 720.0f);
-  p = fmaf (p, r, 1.0f / 120.0f);
-  p = fmaf (p, r, 1.0f / 24.0f);
-  p = fmaf (p, r, 1.0f / 6.0f);
-  p = fmaf (p, r, 0.5f);
-  p = fmaf (p, r, 1.0f);
-  p = fmaf (p, r, 1.0f);
-  int32_t bits = ((int32_t) n + 127) << 23;
-  float scale;
-  memcpy (&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 float
 gd_exp (float x)

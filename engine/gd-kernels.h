@@ -29,6 +29,12 @@ void gd_linear_backward (const float *x, int n, int in, const float *weight, int
 void gd_group_norm_forward (const float *x, int n, int c, int hw, int groups,
                             const float *gamma, const float *beta,
                             float *y, float *mean, float *rstd);
+/* GroupNorm, then optionally the timestep modulation v (1 + scale) + shift (ss: [n, 2c],
+ * scales then shifts, or NULL), in one pass: the result goes to y (or NULL) and its SiLU to
+ * act (or NULL).  The same numbers as the kernels run one after the other. */
+void gd_group_norm_act_forward (const float *x, int n, int c, int hw, int groups,
+                                const float *gamma, const float *beta, const float *ss,
+                                float *y, float *act, float *mean, float *rstd);
 void gd_group_norm_backward (const float *x, int n, int c, int hw, int groups,
                              const float *gamma, const float *mean, const float *rstd,
                              const float *dy, float *dx, float *dgamma, float *dbeta);

@@ -898,6 +898,16 @@ norm_forward (const Norm *nm, const float *x, int n, int hw, float *y, float *st
                          y, stats, stats + n * GROUPS);
 }
 
+/* GroupNorm (then the scale-shift ss, if not NULL) and SiLU in one pass; y (the value before
+ * SiLU) may be NULL when no backward pass will read it. */
+static void
+norm_act_forward (const Norm *nm, const float *x, int n, int hw, const float *ss, float *y,
+                  float *act, float *stats)
+{
+  gd_group_norm_act_forward (x, n, nm->channels, hw, GROUPS, nm->weight->data, nm->bias->data,
+                             ss, y, act, stats, stats + n * GROUPS);
+}
+
 static void
 norm_backward (const Norm *nm, const float *x, int n, int hw, const float *stats,
                const float *dy, float *dx)
@@ -948,10 +958,10 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
   size_t out_size = (size_t) n * cout * hwo;
 
   /* in_layers: GroupNorm, SiLU, (resample), conv; the skip path is resampled alike */
-  float *a1 = buf_get (&s[S_A1], in_size);
-  norm_forward (&l->in_norm, x, n, h * w, a1, buf_get (&s[S_STATS1], 2 * n * GROUPS));
+  float *a1 = m->kept ? buf_get (&s[S_A1], in_size) : NULL;
   float *a2 = buf_get (&s[S_A2], in_size);
-  gd_silu_forward (a1, in_size, a2);
+  norm_act_forward (&l->in_norm, x, n, h * w, NULL, a1, a2,
+                    buf_get (&s[S_STATS1], 2 * n * GROUPS));
   const float *a2u = a2, *xu = x;
   if (l->resample != RESAMPLE_NONE)
     {
@@ -973,20 +983,32 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
                      l->emb_lin.out, e);
 
   /* out_layers: GroupNorm with the embedding as scale-shift (or added before it), SiLU, conv */
-  float *g = buf_get (&s[S_G], out_size), *g2 = buf_get (&s[S_G2], out_size);
+  float *g = buf_get (&s[S_G], out_size), *g3 = buf_get (&s[S_G3], out_size);
   float *stats2 = buf_get (&s[S_STATS2], 2 * n * GROUPS);
-  if (l->scale_shift)
+  if (!m->kept)
     {
+      /* nothing reads the steps in between: one pass */
+      if (l->scale_shift)
+        norm_act_forward (&l->out_norm, h1, n, hwo, e, NULL, g3, stats2);
+      else
+        {
+          gd_add_channel_bias_forward (h1, n, cout, hwo, e, g);
+          norm_act_forward (&l->out_norm, g, n, hwo, NULL, NULL, g3, stats2);
+        }
+    }
+  else if (l->scale_shift)
+    {
+      float *g2 = buf_get (&s[S_G2], out_size);
       norm_forward (&l->out_norm, h1, n, hwo, g, stats2);
       gd_scale_shift_forward (g, n, cout, hwo, e, g2);
+      gd_silu_forward (g2, out_size, g3);
     }
   else
     {
+      float *g2 = buf_get (&s[S_G2], out_size);
       gd_add_channel_bias_forward (h1, n, cout, hwo, e, g);
-      norm_forward (&l->out_norm, g, n, hwo, g2, stats2);
+      norm_act_forward (&l->out_norm, g, n, hwo, NULL, g2, g3, stats2);
     }
-  float *g3 = buf_get (&s[S_G3], out_size);
-  gd_silu_forward (g2, out_size, g3);
   float *out = buf_get (&l->out, out_size);
   conv_forward (m, &l->out_conv, g3, n, l->ho, l->wo, out);
   if (l->has_skip)
@@ -1326,10 +1348,10 @@ unet_forward (GdModel *m, const float *x, int n, int h, int w, const float *emb,
       c = b->c;
     }
   size_t size = (size_t) n * c * h * w;
-  float *normed = buf_get (&m->head_norm, size);
-  norm_forward (&m->out_norm, x, n, h * w, normed, buf_get (&m->head_stats, 2 * n * GROUPS));
+  float *normed = m->kept ? buf_get (&m->head_norm, size) : NULL;
   float *act = buf_get (&m->head_silu, size);
-  gd_silu_forward (normed, size, act);
+  norm_act_forward (&m->out_norm, x, n, h * w, NULL, normed, act,
+                    buf_get (&m->head_stats, 2 * n * GROUPS));
   m->trunk_out = x;   /* for a U-Net: the input of the output head */
   m->trunk_h = h;
   m->trunk_w = w;
@@ -1344,10 +1366,10 @@ classifier_head_forward (GdModel *m, const float *x, int n, int h, int w, float 
 {
   int c = m->final_channels, hw = h * w, classes = m->cfg.out_channels;
   size_t size = (size_t) n * c * hw;
-  float *normed = buf_get (&m->head_norm, size);
-  norm_forward (&m->out_norm, x, n, hw, normed, buf_get (&m->head_stats, 2 * n * GROUPS));
+  float *normed = m->kept ? buf_get (&m->head_norm, size) : NULL;
   float *act = buf_get (&m->head_silu, size);
-  gd_silu_forward (normed, size, act);
+  norm_act_forward (&m->out_norm, x, n, hw, NULL, normed, act,
+                    buf_get (&m->head_stats, 2 * n * GROUPS));
   if (m->cfg.pool == GD_POOL_ADAPTIVE)
     {
       float *pooled = buf_get (&m->pooled, (size_t) n * c);
