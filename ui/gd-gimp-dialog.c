@@ -437,14 +437,14 @@ build (Dialog *d, gint32 image, gint32 drawable)
   gtk_table_attach (GTK_TABLE (table), d->info, 1, 2, 2, 3, GTK_FILL | GTK_EXPAND, GTK_FILL, 0, 0);
   GtkWidget *box = gtk_vbox_new (FALSE, 6);
   gtk_box_pack_start (GTK_BOX (box), table, FALSE, FALSE, 0);
-  GtkWidget *expander = gtk_expander_new_with_mnemonic ("_Architecture of .pt files that are not released checkpoints");
+  GtkWidget *expander = gtk_expander_new_with_mnemonic ("Architecture of .pt files that are not released chec_kpoints");
   GtkWidget *configs = gtk_table_new (2, 2, FALSE);
   gtk_table_set_row_spacings (GTK_TABLE (configs), 6);
   gtk_table_set_col_spacings (GTK_TABLE (configs), 6);
   gtk_container_set_border_width (GTK_CONTAINER (configs), 6);
-  gimp_table_attach_aligned (GTK_TABLE (configs), 0, 0, "Model (JSON or file):", 0.0, 0.5,
+  gimp_table_attach_aligned (GTK_TABLE (configs), 0, 0, "Model (_JSON or file):", 0.0, 0.5,
                              d->model_config, 1, FALSE);
-  gimp_table_attach_aligned (GTK_TABLE (configs), 0, 1, "Classifier (JSON or file):", 0.0, 0.5,
+  gimp_table_attach_aligned (GTK_TABLE (configs), 0, 1, "Classifier (JSON or _file):", 0.0, 0.5,
                              d->classifier_config, 1, FALSE);
   GtkWidget *entries[2] = { d->model_config, d->classifier_config };
   for (int i = 0; i < 2; i++)
@@ -476,16 +476,18 @@ build (Dialog *d, gint32 image, gint32 drawable)
   GtkWidget *sampler = gimp_int_combo_box_new ("DDIM", GD_OP_SAMPLER_DDIM, "DDPM", GD_OP_SAMPLER_DDPM, NULL);
   gimp_int_combo_box_set_active (GIMP_INT_COMBO_BOX (sampler), s->sampler);
   g_signal_connect (sampler, "changed", G_CALLBACK (sampler_changed), d);
-  gimp_table_attach_aligned (GTK_TABLE (sampling), 0, 2, "Sa_mpler:", 0.0, 0.5, sampler, 2, TRUE);
+  gimp_table_attach_aligned (GTK_TABLE (sampling), 0, 2, "Sam_pler:", 0.0, 0.5, sampler, 2, TRUE);
   d->eta = scale_entry (sampling, 3, "_Eta:", s->eta, 0.0, 1.0, 0.01, 2, 0.0, 10.0,
                         "DDIM noise: 0 is deterministic", &s->eta, FALSE);
-  d->strength = scale_entry (sampling, 4, "St_rength:", s->strength, 0.0, 1.0, 0.01, 2, 0.0, 1.0,
+  d->strength = scale_entry (sampling, 4, "Stre_ngth:", s->strength, 0.0, 1.0, 0.01, 2, 0.0, 1.0,
                              "Vary and inpaint: how far the layer is noised (0 keeps it, 1 starts from noise)",
                              &s->strength, FALSE);
-  scale_entry (sampling, 5, "_Images:", s->n_images, 1, 16, 1, 0, 1, 64,
+  scale_entry (sampling, 5, "N_umber of images:", s->n_images, 1, 16, 1, 0, 1, 64,
                "Images to make, each a new layer", &s->n_images, TRUE);
   d->seed = gimp_random_seed_new (&s->seed, &s->random_seed);
-  gimp_table_attach_aligned (GTK_TABLE (sampling), 0, 6, "Se_ed:", 0.0, 0.5, d->seed, 2, TRUE);
+  GtkWidget *seed_label = gimp_table_attach_aligned (GTK_TABLE (sampling), 0, 6, "See_d:", 0.0, 0.5,
+                                                     d->seed, 2, TRUE);
+  gtk_label_set_mnemonic_widget (GTK_LABEL (seed_label), GIMP_RANDOM_SEED_SPINBUTTON (d->seed));
   framed (d->fields, "Sampling", sampling);
 
   d->progress = gtk_progress_bar_new ();
@@ -544,14 +546,13 @@ set_running (Dialog *d, gboolean running)
 }
 
 gboolean
-gd_gimp_dialog (GdGimpSettings *s, gint32 image, gint32 drawable, GArray *layers, gboolean *ran)
+gd_gimp_dialog (GdGimpSettings *s, gint32 image, gint32 drawable, GArray *layers)
 {
   gimp_ui_init (GD_GIMP_BINARY, FALSE);
   Dialog d = { .s = s };
   build (&d, image, drawable);
   g_signal_connect (d.window, "response", G_CALLBACK (response), &d);
   gboolean done = FALSE;
-  *ran = FALSE;
   while (!done && gimp_dialog_run (GIMP_DIALOG (d.window)) == GTK_RESPONSE_OK)
     {
       take_configs (&d);
@@ -560,7 +561,8 @@ gd_gimp_dialog (GdGimpSettings *s, gint32 image, gint32 drawable, GArray *layers
           s->seed = (guint32) g_random_int_range (0, G_MAXINT32);
           gtk_adjustment_set_value (GTK_ADJUSTMENT (GIMP_RANDOM_SEED_SPINBUTTON_ADJ (d.seed)), s->seed);
         }
-      *ran = TRUE;
+      /* remembered now: Cancel in GIMP's progress bar ends the plug-in at once */
+      gimp_set_data (GD_GIMP_PROCEDURE, s, sizeof *s);
       d.stop = FALSE;
       set_running (&d, TRUE);
       GdGimpProgress progress = { .step = dialog_step, .user = &d };

@@ -127,13 +127,10 @@ run (const gchar *name, gint nparams, const GimpParam *param, gint *nreturn_vals
 
   if (run_mode == GIMP_RUN_INTERACTIVE)
     {
-      gboolean ran = FALSE;
-      if (gd_gimp_dialog (s, image, drawable, layers, &ran))
+      if (gd_gimp_dialog (s, image, drawable, layers))
         gimp_displays_flush ();
       else
         status = GIMP_PDB_CANCEL;
-      if (ran)
-        gimp_set_data (GD_GIMP_PROCEDURE, s, sizeof *s);
     }
   else
     {

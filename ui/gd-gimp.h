@@ -72,11 +72,10 @@ GPtrArray *gd_gimp_labels (GdModel *classifier, GdModel *model, const char **ori
 gboolean gd_gimp_resolve_class (GdModel *classifier, GdModel *model, const char *name,
                                 int64_t *chosen, GError **error);
 
-/* The dialog: edits s; TRUE when a run succeeded (the new layers in `layers`), FALSE
- * when the dialog was closed or a run stopped.  *ran: a run was started (the settings
- * are worth remembering).  Errors of a run are shown as GIMP messages and the dialog
- * stays open. */
-gboolean gd_gimp_dialog (GdGimpSettings *s, gint32 image, gint32 drawable, GArray *layers,
-                         gboolean *ran);
+/* The dialog: edits s and runs; TRUE when a run succeeded (the new layers in `layers`),
+ * FALSE when the dialog was closed or a run stopped.  The settings are remembered
+ * (gimp_set_data) at each OK.  Errors of a run are shown as GIMP messages and the
+ * dialog stays open. */
+gboolean gd_gimp_dialog (GdGimpSettings *s, gint32 image, gint32 drawable, GArray *layers);
 
 G_END_DECLS
