@@ -88,6 +88,12 @@ if [ "$stopped" = 3 ] || [ "$stopped" = 4 ]; then
 else
   report FAIL "stop asked at step 3 of 40: stopped after step '${stopped}'"
 fi
+# a sanitizer build of the plug-in reports to GIMP's output (GEGL's own leaks suppressed)
+if grep -qE 'ERROR: (Leak|Address)Sanitizer|runtime error:' "$tmp/main.log" "$tmp/stop.log"; then
+  report FAIL "no sanitizer report from the plug-in"
+else
+  report OK "no sanitizer report from the plug-in"
+fi
 if grep -qiE 'segmentation fault|plug-in crashed|fatal error' "$tmp/main.log" "$tmp/stop.log"; then
   report FAIL "no crash of GIMP or the plug-in"
 else
