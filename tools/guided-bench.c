@@ -184,6 +184,7 @@ bench (int runs, gboolean big, GError **error)
 {
   int status = 1;
   Step s = { 0 };
+  double rss_batch1 = 0.0, rss_weights = 0.0;
   printf ("threads: %d; OpenBLAS kernels: %s\n\n", gd_parallel_threads (), gd_blas_core ());
   double peak = gemm_gflops (2048, 2048, 2048, runs);
   double conv_shaped = gemm_gflops (192, 4096, 1728, runs);
@@ -219,6 +220,15 @@ bench (int runs, gboolean big, GError **error)
         goto out;
       report (what, seconds, gflop, peak);
       step_clear (&s);
+      if (batches[b] == 1)
+        {
+          struct rusage usage;
+          getrusage (RUSAGE_SELF, &usage);
+          double weights = 4.0 * (gd_model_parameter_count (s.unet)
+                                  + gd_model_parameter_count (s.classifier)) / (1 << 20);
+          rss_batch1 = usage.ru_maxrss / 1024.0;
+          rss_weights = weights;
+        }
     }
 
   /* load time of the 64x64 model from a file */
@@ -277,7 +287,9 @@ bench (int runs, gboolean big, GError **error)
     }
   struct rusage usage;
   getrusage (RUSAGE_SELF, &usage);
-  printf ("\npeak RSS: %.0f MB\n", usage.ru_maxrss / 1024.0);
+  printf ("\npeak RSS: %.0f MB; after the batch-1 runs: %.0f MB, of which the weights of the "
+          "two 64x64 models are %.0f MB (+%.0f MB)\n", usage.ru_maxrss / 1024.0, rss_batch1,
+          rss_weights, rss_batch1 - rss_weights);
   status = 0;
 out:
   step_clear (&s);
