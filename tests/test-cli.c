@@ -271,6 +271,58 @@ expect_failure (const char *what, const char *expected, const char *output, ...)
   g_ptr_array_unref (args);
 }
 
+/* --each-class: B images of every class in class order; image i is the one a single run
+ * of its class with seed + i makes.  Bad combinations fail before sampling. */
+static void
+test_each_class (void)
+{
+  if (!have_reference ())
+    return;
+  char *model = ref_path ("unet/tiny_cond_learnsigma", "model.safetensors");
+  char *uncond = ref_path ("unet/tiny_uncond_legacy", "model.safetensors");
+  char *classifier = ref_path ("classifier/tiny_attnpool", "model.safetensors");
+  char *png = tmp_path ("each.png"), *tensor = tmp_path ("each.safetensors");
+  char *single = tmp_path ("single.safetensors"), *err = NULL;
+  int status = run_guided (&err, NULL, "sample", "--model", model, "--classifier", classifier,
+                           "--each-class", "--batch", "2", "--steps", "3", "--seed", "40",
+                           "--scale", "5", "-o", png, "--tensor", tensor, NULL);
+  if (status != 0)
+    g_error ("guided sample --each-class failed: %s", err);
+  g_free (err);
+  status = run_guided (&err, NULL, "sample", "--model", model, "--classifier", classifier,
+                       "--class", "3", "--batch", "1", "--steps", "3", "--seed", "47",
+                       "--scale", "5", "-o", png, "--tensor", single, NULL);
+  g_assert_cmpint (status, ==, 0);
+  int64_t n_all, n_one;
+  float *all = read_tensor (tensor, "x0", &n_all, NULL), *one = read_tensor (single, "x0", &n_one, NULL);
+  g_assert_cmpint (n_all, ==, 20 * n_one);
+  double worst = 0.0;
+  for (int64_t i = 0; i < n_one; i++)
+    worst = MAX (worst, fabs (all[7 * n_one + i] - one[i]));
+  g_test_message ("--each-class image 7 vs class 3 alone with seed 47: max |a - b| = %.3g", worst);
+  g_assert_cmpfloat (worst, <=, 1e-4);
+  g_unlink (png);
+  char *bad = tmp_path ("each-bad.png");
+  expect_failure ("--each-class with --class", "give one of --class, --label and --each-class",
+                  bad, "--model", model, "--classifier", classifier, "--each-class", "--class", "1", NULL);
+  expect_failure ("--each-class without classes", "--each-class needs a classifier", bad,
+                  "--model", uncond, "--each-class", NULL);
+  expect_failure ("--each-class, too many", "more than 1024", bad, "--model", model,
+                  "--classifier", classifier, "--each-class", "--batch", "200", NULL);
+  g_unlink (tensor);
+  g_unlink (single);
+  g_free (all);
+  g_free (one);
+  g_free (bad);
+  g_free (err);
+  g_free (model);
+  g_free (uncond);
+  g_free (classifier);
+  g_free (png);
+  g_free (tensor);
+  g_free (single);
+}
+
 static void
 test_bad_input (void)
 {
@@ -492,6 +544,7 @@ main (int argc, char **argv)
   g_test_add_func ("/cli/determinism/batch-position", test_batch_position_independence);
   g_test_add_func ("/cli/guidance-changes-result", test_guidance_changes_result);
   g_test_add_func ("/cli/bad-input", test_bad_input);
+  g_test_add_func ("/cli/each-class", test_each_class);
   g_test_add_func ("/cli/evaluate", test_evaluate);
   g_test_add_func ("/cli/pt-with-config", test_pt_with_config);
   int status = g_test_run ();

@@ -22,8 +22,16 @@ gboolean
 gd_png_write_grid (const char *path, const float *images, int n, int channels, int h, int w,
                    GError **error)
 {
+  return gd_png_write_grid_columns (path, images, n, (int) ceil (sqrt ((double) n)), channels,
+                                    h, w, error);
+}
+
+gboolean
+gd_png_write_grid_columns (const char *path, const float *images, int n, int columns,
+                           int channels, int h, int w, GError **error)
+{
   const int gap = 2;
-  int columns = (int) ceil (sqrt ((double) n)), rows = (n + columns - 1) / columns;
+  int rows = (n + columns - 1) / columns;
   int width = columns * w + (columns - 1) * gap, height = rows * h + (rows - 1) * gap;
   guint8 *pixels = g_malloc0 ((size_t) width * height * channels);
   for (int i = 0; i < n; i++)

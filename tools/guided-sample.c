@@ -213,7 +213,7 @@ typedef struct {
   int class_index, steps, batch;
   double scale, eta;
   gint64 seed;
-  gboolean no_clip;
+  gboolean no_clip, each_class;
 } Options;
 
 /* The class list that names classes: the classifier's, else the model's. */
@@ -259,9 +259,9 @@ generate (Options *opt, GError **error)
       g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "--eta must not be negative");
       goto out;
     }
-  if (opt->class_index >= 0 && opt->label)
+  if ((opt->class_index >= 0) + (opt->label != NULL) + opt->each_class > 1)
     {
-      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "give --class or --label, not both");
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "give one of --class, --label and --each-class");
       goto out;
     }
   /* the output must be writable before minutes of sampling are spent */
@@ -296,6 +296,23 @@ generate (Options *opt, GError **error)
   int n = opt->batch, h = mc->image_size, w = mc->image_size, c = mc->in_channels;
   gboolean needs_class = mc->num_classes > 0 || classifier;
   int class_count = classifier ? gd_model_get_config (classifier)->out_channels : mc->num_classes;
+  if (opt->each_class)
+    {
+      if (!needs_class)
+        {
+          g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "--each-class needs a classifier or a "
+                       "class-conditional model: %s has no classes", gd_model_get_origin (model));
+          goto out;
+        }
+      if ((gint64) class_count * opt->batch > 1024)
+        {
+          g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "--each-class with --batch %d makes %"
+                       G_GINT64_FORMAT " images, more than 1024", opt->batch,
+                       (gint64) class_count * opt->batch);
+          goto out;
+        }
+      n = class_count * opt->batch;
+    }
   int chosen = opt->class_index;
   if (opt->label)
     {
@@ -318,7 +335,8 @@ generate (Options *opt, GError **error)
       classes = g_new (int64_t, n);
       for (int i = 0; i < n; i++)
         {
-          classes[i] = chosen >= 0 ? chosen : gd_sample_draw_class ((uint64_t) opt->seed, i, class_count);
+          classes[i] = opt->each_class ? i / opt->batch
+                       : chosen >= 0 ? chosen : gd_sample_draw_class ((uint64_t) opt->seed, i, class_count);
           if (classes[i] >= class_count)
             {
               g_set_error (error, GD_ERROR, GD_ERROR_INPUT, "class %" G_GINT64_FORMAT
@@ -328,7 +346,7 @@ generate (Options *opt, GError **error)
               goto out;
             }
         }
-      if (chosen < 0)
+      if (chosen < 0 && !opt->each_class)
         fprintf (stderr, "guided sample: no class given, drew class %" G_GINT64_FORMAT "%s\n",
                  classes[0], n > 1 ? " (and others) per image" : "");
     }
@@ -361,7 +379,9 @@ generate (Options *opt, GError **error)
       if (!written)
         goto out;
     }
-  if (!gd_png_write_grid (opt->output, x, n, c, h, w, error))
+  /* --each-class: a row per class */
+  if (!(opt->each_class ? gd_png_write_grid_columns (opt->output, x, n, n > class_count ? opt->batch : n, c, h, w, error)
+                        : gd_png_write_grid (opt->output, x, n, c, h, w, error)))
     goto out;
   fprintf (stderr, "guided sample: wrote %s (%d image%s of %dx%d, %s, %d steps, seed %" G_GINT64_FORMAT ")\n",
            opt->output, n, n > 1 ? "s" : "", w, h, opt->sampler, diffusion->num_steps, opt->seed);
@@ -398,6 +418,7 @@ guided_sample_main (int argc, char **argv)
     { "eta", 0, 0, G_OPTION_ARG_DOUBLE, &opt.eta, "DDIM eta (default 0: deterministic)", "E" },
     { "seed", 0, 0, G_OPTION_ARG_INT64, &opt.seed, "Random seed (default: a new one, printed)", "N" },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &opt.batch, "Images to make, written as one grid (default 1)", "B" },
+    { "each-class", 0, 0, G_OPTION_ARG_NONE, &opt.each_class, "One image of every class (with --batch B: B of each, a row per class)", NULL },
     { "no-clip", 0, 0, G_OPTION_ARG_NONE, &opt.no_clip, "Do not clamp the predicted x_0 to [-1, 1]", NULL },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt.output, "Output PNG", "FILE" },
     { "tensor", 0, 0, G_OPTION_ARG_FILENAME, &opt.tensor, "Also write the samples x0 [B, C, H, W] in model space (safetensors)", "FILE" },
