@@ -9,11 +9,13 @@
 #   gimp-progress.png      a run in progress: the dialog's and GIMP's progress bars
 # The dialog is driven with xdotool (keyboard mnemonics), captured with ImageMagick.
 # usage: bash ui/gimp-screenshots.sh [BUILD_DIR]      (needs xvfb, xdotool, imagemagick)
+# GD_SCREENSHOTS_OUT=DIR writes the pictures there instead of docs/images; the plug-in's
+# sanitizer reports (a build-asan plug-in) are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 plugin=$PWD/$build/ui/guided-diffusion-gimp
-out=$PWD/docs/images
+out=${GD_SCREENSHOTS_OUT:-$PWD/docs/images}
 [ -x "$plugin" ] || { echo "$plugin is missing: build first (bash tools/build.sh)" >&2; exit 1; }
 if [ -z "${GD_SCREENSHOTS_XVFB:-}" ]; then
   exec env GD_SCREENSHOTS_XVFB=1 xvfb-run -a -s "-screen 0 1920x1080x24" bash "$0" "$@"
@@ -88,8 +90,13 @@ shot_area() {
   eval "$(xdotool getwindowgeometry --shell "$1" | grep -E '^(X|Y|WIDTH|HEIGHT)=')"
   import -window root -crop "$((WIDTH + $4))x$((HEIGHT + $5))+$((X + $2))+$((Y + $3))" +repage "$out/$6"
 }
-keys() { xdotool key --delay 80 "$@"; sleep 0.4; }
-text() { xdotool type --delay 60 "$1"; sleep 0.4; }
+# keys and text go to the window in $focus (there is no window manager to give it focus)
+focus=""
+keys() { xdotool windowfocus --sync "$focus"; xdotool key --delay 80 "$@"; sleep 0.5; }
+text() { xdotool type --delay 60 "$1"; sleep 0.5; }
+# a class by name: typed, then the first name the completion offers taken (Down Return
+# does nothing when it offers none)
+class() { keys alt+a ctrl+a; text "$1"; sleep 0.5; keys Down Return; }
 
 # the pictures made by PDB calls
 convert "$tmp/inpaint-1.png" \( "$tmp/inpaint-1.png" -fill '#ff4060' -draw 'fill-opacity 0.35 rectangle 0,0 279,149' \) \
@@ -97,7 +104,7 @@ convert "$tmp/inpaint-1.png" \( "$tmp/inpaint-1.png" -fill '#ff4060' -draw 'fill
 shot_window "$main" gimp-result.png
 
 # the menu
-xdotool windowfocus "$main"
+focus=$main
 keys alt+r r Down Down Down Down Right
 shot_area "$main" 0 0 300 0 gimp-menu.png
 keys Return
@@ -106,20 +113,24 @@ sleep 1
 eval "$(xdotool getwindowgeometry --shell "$main" | grep '^WIDTH=')"
 xdotool windowmove "$dialog" "$((WIDTH + 16))" 0
 sleep 0.5
+focus=$dialog
 
 # the dialog: a class, 50 steps, a fixed seed
-keys alt+a ctrl+a; text "Sneaker"; keys Escape   # Escape: the completion popup
+class "Sneaker"
 keys alt+t ctrl+a; text "50"; keys Tab
 keys alt+r alt+d ctrl+a; text "7"; keys Tab
 shot_window "$dialog" gimp-dialog.png
 
 # type-to-search among 1000 names: the classifier's label list overridden by ImageNet's
-keys alt+k alt+f; text '{"labels": "imagenet-1000"}'; keys Return
+keys alt+k; sleep 1; keys alt+f; text '{"labels": "imagenet-1000"}'; keys Return
+sleep 3   # the dialog reads the files again
 keys alt+a ctrl+a; text "retriev"
-sleep 1
+sleep 3
 shot_area "$dialog" 0 0 0 0 gimp-class-search.png
-keys Escape alt+f ctrl+a BackSpace Return alt+k
-keys alt+a ctrl+a; text "Sneaker"; keys Escape
+keys Down Return alt+f ctrl+a BackSpace Return
+sleep 3
+keys alt+k
+class "Sneaker"
 
 # a run in progress (1000 steps, 4 images), then stopped with the dialog's Cancel
 keys alt+t ctrl+a; text "1000"; keys Tab
@@ -130,4 +141,8 @@ eval "$(xdotool getwindowgeometry --shell "$dialog" | grep -E '^(X|WIDTH)=')"
 import -window root -crop "$((X + WIDTH))x900+0+0" +repage "$out/gimp-progress.png"
 keys alt+c
 sleep 3
+kill "$gimp_pid" 2>/dev/null || true
+wait "$gimp_pid" 2>/dev/null || true
+gimp_pid=""
+grep -E -A30 'ERROR: (Leak|Address)Sanitizer|runtime error:' "$tmp/gimp.log" || true
 echo "wrote $out/gimp-{result,inpaint,menu,dialog,class-search,progress}.png"
