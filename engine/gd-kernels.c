@@ -53,14 +53,24 @@ conv_out_size (int size, int k, int stride, int pad)
   return (size + 2 * pad - k) / stride + 1;
 }
 
-/* Parameter gradients take all images of a batch in one GEMM: the columns of every image
- * side by side ([cin k k, n ho wo]), so that the sum over images is inside the product. */
+/* images per partial sum of the parameter gradients */
+#define GRADIENT_CHUNK 8
+
+static int
+conv_lanes (int n)
+{
+  return MIN (n, gd_parallel_threads ());
+}
+
+/* The work buffer of a convolution: one image's columns per thread (no more threads than
+ * images). */
 size_t
 gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad)
 {
+  (void) cout;
   size_t depth = (size_t) cin * k * k;
-  size_t columns = (size_t) n * conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
-  return (depth + (size_t) cout) * columns;
+  size_t spatial = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  return (size_t) conv_lanes (n) * depth * spatial;
 }
 
 /* The 3x3, stride 1, pad 1 case of im2col and col2im, which nearly every layer is: the
@@ -230,56 +240,16 @@ col2im (float *col, size_t ld, int cin, int h, int w, int k, int stride, int pad
         }
 }
 
-/* [n, c, s] <-> [c, n s] */
-static void
-gather_channels (const float *x, int n, int c, int spatial, float *out)
-{
-#pragma omp parallel for
-  for (int i = 0; i < n; i++)
-    for (int ch = 0; ch < c; ch++)
-      memcpy (out + ((size_t) ch * n + i) * spatial, x + ((size_t) i * c + ch) * spatial,
-              sizeof (float) * spatial);
-}
-
-static void
-scatter_channels (const float *in, int n, int c, int spatial, float *x)
-{
-#pragma omp parallel for
-  for (int i = 0; i < n; i++)
-    for (int ch = 0; ch < c; ch++)
-      memcpy (x + ((size_t) i * c + ch) * spatial, in + ((size_t) ch * n + i) * spatial,
-              sizeof (float) * spatial);
-}
-
 static gboolean
 conv_is_pointwise (int k, int stride, int pad)
 {
   return k == 1 && stride == 1 && pad == 0;
 }
 
-/* The columns of all n images: [cin k k, n ho wo]. */
-static void
-batch_columns (const float *x, int n, int cin, int h, int w, int k, int stride, int pad, float *col)
-{
-  int spatial = conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
-  size_t ld = (size_t) n * spatial;
-  if (conv_is_pointwise (k, stride, pad))
-    gather_channels (x, n, cin, spatial, col);
-  else
-#pragma omp parallel for
-    for (int i = 0; i < n; i++)
-      im2col (x + (size_t) i * cin * h * w, cin, h, w, k, stride, pad, col + (size_t) i * spatial, ld);
-}
-
 /* Forward passes and input gradients go image by image, each thread taking whole images:
  * an image's columns are still in the cache when its product reads them, and the product
  * lands in NCHW without a copy.  One image alone is one product that gd_sgemm cuts into
  * blocks for the threads.  The work buffer holds one image's columns per thread. */
-static int
-conv_lanes (int n)
-{
-  return MIN (n, gd_parallel_threads ());
-}
 
 /* forward: from = x [n, cin, h, w], to = y [n, cout, ho, wo];
  * input gradient: from = dy [n, cout, ho, wo], to = dx [n, cin, h, w] (bias unused). */
@@ -345,42 +315,66 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k;
-  size_t columns = (size_t) n * spatial;
   if (dx && !dweight && !dbias)
     {
       conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work);
       return;
     }
-  float *col = work, *dy_columns = work + (size_t) depth * columns;
-  gather_channels (dy, n, cout, spatial, dy_columns);
-  if (dbias)
-    for (int co = 0; co < cout; co++)
-      {
-        double sum = 0.0;
-        const float *row = dy_columns + (size_t) co * columns;
-        for (size_t s = 0; s < columns; s++)
-          sum += row[s];
-        dbias[co] += (float) sum;
-      }
-  if (dweight)
+  /* Parameter gradients: images in fixed chunks, each chunk summed by one thread into its
+   * own partial sums (image by image, the columns of one image in the cache), the partial
+   * sums then added in chunk order: the same numbers for any thread count. */
+  gboolean pointwise = conv_is_pointwise (k, stride, pad);
+  int chunks = (n + GRADIENT_CHUNK - 1) / GRADIENT_CHUNK;
+  size_t weights = (size_t) cout * depth;
+  float *partial_w = dweight ? g_new (float, (size_t) chunks * weights) : NULL;
+  double *partial_b = dbias ? g_new0 (double, (size_t) chunks * cout) : NULL;
+#pragma omp parallel num_threads (conv_lanes (chunks))
+  {
+    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
+#pragma omp for schedule (dynamic)
+    for (int c = 0; c < chunks; c++)
+      for (int i = c * GRADIENT_CHUNK; i < MIN (n, (c + 1) * GRADIENT_CHUNK); i++)
+        {
+          const float *xi = x + (size_t) i * cin * h * w, *dyi = dy + (size_t) i * cout * spatial;
+          if (dbias)
+            for (int co = 0; co < cout; co++)
+              {
+                double sum = 0.0;
+                const float *row = dyi + (size_t) co * spatial;
+#pragma omp simd reduction(+ : sum)
+                for (int q = 0; q < spatial; q++)
+                  sum += row[q];
+                partial_b[(size_t) c * cout + co] += sum;
+              }
+          if (dweight)
+            {
+              if (!pointwise)
+                im2col (xi, cin, h, w, k, stride, pad, col, spatial);
+              gd_sgemm (CblasNoTrans, CblasTrans, cout, depth, spatial, 1.0f, dyi, spatial,
+                        pointwise ? xi : col, spatial, i == c * GRADIENT_CHUNK ? 0.0f : 1.0f,
+                        partial_w + (size_t) c * weights, depth);
+            }
+          if (dx)
+            {
+              /* dcol = W^T dy, in the columns that dW no longer needs */
+              float *dxi = dx + (size_t) i * cin * h * w;
+              gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
+                        dyi, spatial, 0.0f, pointwise ? dxi : col, spatial);
+              if (!pointwise)
+                col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
+            }
+        }
+  }
+  for (int c = 0; c < chunks; c++)
     {
-      batch_columns (x, n, cin, h, w, k, stride, pad, col);
-      gd_sgemm (CblasNoTrans, CblasTrans, cout, depth, (int) columns,
-                   1.0f, dy_columns, (int) columns, col, (int) columns, 1.0f, dweight, depth);
+      if (dweight)
+        gd_accumulate (dweight, partial_w + (size_t) c * weights, weights);
+      if (dbias)
+        for (int co = 0; co < cout; co++)
+          dbias[co] += (float) partial_b[(size_t) c * cout + co];
     }
-  if (dx)
-    {
-      /* dcol = W^T dY, in the column buffer that dW no longer needs */
-      gd_sgemm (CblasTrans, CblasNoTrans, depth, (int) columns, cout,
-                   1.0f, weight, depth, dy_columns, (int) columns, 0.0f, col, (int) columns);
-      if (conv_is_pointwise (k, stride, pad))
-        scatter_channels (col, n, cin, spatial, dx);
-      else
-#pragma omp parallel for
-        for (int i = 0; i < n; i++)
-          col2im (col + (size_t) i * spatial, columns, cin, h, w, k, stride, pad,
-                  dx + (size_t) i * cin * h * w);
-    }
+  g_free (partial_w);
+  g_free (partial_b);
 }
 
 /* ---- linear ---- */

@@ -6,8 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Convolution with a square kernel k, zero padding pad, stride stride, as im2col + one
- * sgemm for the whole batch.  weight: [cout, cin, k, k]; bias: [cout] or NULL.
+/* Convolution with a square kernel k, zero padding pad, stride stride, as im2col + sgemm
+ * image by image.  weight: [cout, cin, k, k]; bias: [cout] or NULL.
  * Output size: (h + 2 pad - k) / stride + 1.  work: scratch of gd_conv2d_work_size() floats. */
 size_t gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad);
 void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
