@@ -255,6 +255,43 @@ test_resume_after_kill (void)
   g_free (data);
 }
 
+/* Training gives the same weights with one thread and with two: gradients are summed in
+ * fixed chunks of images, whatever the number of threads (batch 16: two chunks). */
+static void
+test_thread_count_independence (void)
+{
+  char *data = idx_folder ();
+  char *config = write_config ("threads.json", "unet", tiny_unet, 16, 12, "");
+  char *models[2] = { tmp_path ("threads-1.safetensors"), tmp_path ("threads-2.safetensors") };
+  for (int t = 0; t < 2; t++)
+    {
+      char **env = g_environ_setenv (g_get_environ (), "GD_THREADS", t == 0 ? "1" : "2", TRUE);
+      char *argv[] = { (char *) guided, "train", "diffusion", "--data", data, "--config", config,
+                       "-o", models[t], NULL };
+      int status = 0;
+      char *err = NULL;
+      GError *error = NULL;
+      g_spawn_sync (NULL, argv, env, G_SPAWN_DEFAULT, NULL, NULL, NULL, &err, &status, &error);
+      g_assert_no_error (error);
+      if (!g_spawn_check_wait_status (status, NULL))
+        g_error ("training with GD_THREADS=%d failed: %s", t + 1, err);
+      g_free (err);
+      g_strfreev (env);
+    }
+  assert_same_models (models[0], models[1]);
+  for (int t = 0; t < 2; t++)
+    {
+      char *checkpoint = g_strconcat (models[t], ".ckpt", NULL);
+      g_unlink (checkpoint);
+      g_unlink (models[t]);
+      g_free (checkpoint);
+      g_free (models[t]);
+    }
+  g_unlink (config);
+  g_free (config);
+  g_free (data);
+}
+
 /* A failing train command: non-zero exit, the cause on stderr, no model written. */
 static void
 expect_train_failure (const char *what, const char *kind, const char *data, const char *config,
@@ -375,6 +412,7 @@ main (int argc, char **argv)
   g_test_add_func ("/train/overfit/classifier", test_overfit_classifier);
   g_test_add_func ("/train/overfit/diffusion", test_overfit_diffusion);
   g_test_add_func ("/train/resume-after-kill", test_resume_after_kill);
+  g_test_add_func ("/train/thread-count-independence", test_thread_count_independence);
   g_test_add_func ("/train/bad-data", test_bad_data);
   int status = g_test_run ();
   char *rm[] = { "rm", "-rf", tmpdir, NULL };
