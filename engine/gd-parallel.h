@@ -7,6 +7,14 @@
 #include <glib.h>
 #include <stddef.h>
 
+/* The OpenMP threads should sleep between parallel loops rather than spin: spinning
+ * threads take the cores from everything else that runs (on a busy 2-core machine a
+ * 50-step sampling run took ten times as long).  The OpenMP runtime reads OMP_WAIT_POLICY
+ * once, when it is loaded, before main; so a program calls this first thing in main: it
+ * starts the program again (same process, arguments and open files) with
+ * OMP_WAIT_POLICY=passive.  A policy already in the environment stands. */
+void gd_parallel_prefer_sleeping_threads (char **argv);
+
 /* Reads GD_THREADS once; called by every entry below (OpenBLAS runs one thread inside). */
 void gd_parallel_init (void);
 int gd_parallel_threads (void);

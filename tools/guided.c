@@ -1,6 +1,7 @@
 /* guided: the command line of the guided-diffusion engine. */
 #include "guided.h"
 #include "gd-checkpoint.h"
+#include "gd-parallel.h"
 
 #include <glib.h>
 #include <stdlib.h>
@@ -47,6 +48,7 @@ usage (FILE *out)
 int
 main (int argc, char **argv)
 {
+  gd_parallel_prefer_sleeping_threads (argv);
   /* GD_THREADS: worker threads of the numeric core (default: every core) */
   const char *threads = g_getenv ("GD_THREADS");
   if (threads)

@@ -4,6 +4,7 @@
  * (Script-Fu, batch), all with the same parameters. */
 #include "gd-gimp.h"
 #include "gd-error.h"
+#include "gd-parallel.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -188,15 +189,7 @@ run (const gchar *name, gint nparams, const GimpParam *param, gint *nreturn_vals
 int
 main (int argc, char *argv[])
 {
-  /* The engine's OpenMP threads should sleep between parallel loops instead of spinning:
-   * they share the cores with GIMP and whatever else runs (on a busy 2-core machine a
-   * spinning pool made a 50-step run ten times slower).  The OpenMP runtime reads
-   * OMP_WAIT_POLICY when it is loaded, before main: so the plug-in starts itself again
-   * with it set (same process, same pipes to GIMP).  A policy of the user's stands. */
-  if (!g_getenv ("OMP_WAIT_POLICY"))
-    {
-      g_setenv ("OMP_WAIT_POLICY", "passive", TRUE);
-      execv ("/proc/self/exe", argv);
-    }
+  /* the OpenMP threads share the cores with GIMP: they sleep between loops */
+  gd_parallel_prefer_sleeping_threads (argv);
   return gimp_main (&PLUG_IN_INFO, argc, argv);
 }
