@@ -146,7 +146,27 @@ struct GdTrainer {
   gint64 permutation_epoch;
   float *batch, *noise;
   int64_t *t, *y;
+  /* training time: seconds of earlier runs (from the checkpoint), counted from step
+   * timed_from (a checkpoint without the record starts the count at its step) */
+  double seconds_before;
+  gint64 timed_from, started;
 };
+
+/* Training time so far as metadata: "training_seconds" and, when it does not cover every
+ * step, "training_seconds_from_step". */
+static void
+set_time_metadata (GdTrainer *tr, GdStWriter *w)
+{
+  double seconds = tr->seconds_before + (g_get_monotonic_time () - tr->started) / 1e6;
+  char text[64];
+  g_snprintf (text, sizeof text, "%.0f", seconds);
+  gd_st_writer_set_metadata (w, "training_seconds", text);
+  if (tr->timed_from > 0)
+    {
+      g_snprintf (text, sizeof text, "%" G_GINT64_FORMAT, tr->timed_from);
+      gd_st_writer_set_metadata (w, "training_seconds_from_step", text);
+    }
+}
 
 GdModel *gd_trainer_get_model (GdTrainer *tr) { return tr->model; }
 gint64 gd_trainer_get_step (const GdTrainer *tr) { return gd_optimizer_get_step (tr->optimizer); }
@@ -196,6 +216,7 @@ gd_trainer_new (const GdTrainConfig *cfg, const GdDataset *data, GError **error)
       return NULL;
     }
   GdTrainer *tr = g_new0 (GdTrainer, 1);
+  tr->started = g_get_monotonic_time ();
   tr->cfg = *cfg;
   tr->data = data;
   tr->model = model;
@@ -322,6 +343,7 @@ gd_trainer_save_checkpoint (GdTrainer *tr, const char *path, GError **error)
   gd_st_writer_set_metadata (w, "kind", "training-checkpoint");
   gd_st_writer_set_metadata (w, "training", config);
   gd_st_writer_set_metadata (w, "step", step);
+  set_time_metadata (tr, w);
   for (int which = 0; which < 4; which++)
     for (guint i = 0; i < gd_model_n_params (tr->model); i++)
       {
@@ -383,6 +405,12 @@ gd_trainer_load_checkpoint (GdTrainer *tr, const char *path, GError **error)
           goto out;
       }
   gd_optimizer_set_step (tr->optimizer, g_ascii_strtoll (step_text, NULL, 10));
+  const char *seconds = gd_safetensors_metadata (st, "training_seconds");
+  const char *from = gd_safetensors_metadata (st, "training_seconds_from_step");
+  tr->seconds_before = seconds ? g_ascii_strtod (seconds, NULL) : 0.0;
+  tr->timed_from = seconds ? (from ? g_ascii_strtoll (from, NULL, 10) : 0)
+                           : g_ascii_strtoll (step_text, NULL, 10);
+  tr->started = g_get_monotonic_time ();
   ok = TRUE;
 out:
   g_free (config);
@@ -421,6 +449,7 @@ gd_trainer_save_model (GdTrainer *tr, const char *path, GError **error)
   gd_st_writer_set_metadata (w, "training", training);
   char *step = g_strdup_printf ("%" G_GINT64_FORMAT, gd_optimizer_get_step (tr->optimizer));
   gd_st_writer_set_metadata (w, "training_steps", step);
+  set_time_metadata (tr, w);
   for (guint i = 0; i < gd_model_n_params (tr->model); i++)
     {
       GdParam *p = gd_model_param (tr->model, i);

@@ -243,6 +243,16 @@ test_resume_after_kill (void)
   g_assert_nonnull (strstr (err, "resumed"));
   g_free (err);
   assert_same_models (whole, resumed);
+  /* the training time is summed over both runs and covers every step */
+  GdSafetensors *model = gd_safetensors_open (resumed, &error);
+  g_assert_no_error (error);
+  const char *seconds = gd_safetensors_metadata (model, "training_seconds");
+  g_assert_nonnull (seconds);
+  double value = g_ascii_strtod (seconds, NULL);
+  g_assert_cmpfloat (value, >=, 0.0);
+  g_assert_cmpfloat (value, <, 600.0);
+  g_assert_null (gd_safetensors_metadata (model, "training_seconds_from_step"));
+  gd_safetensors_free (model);
 
   g_unlink (whole);
   g_unlink (resumed);
