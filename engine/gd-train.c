@@ -282,6 +282,21 @@ gd_optimizer_moment (GdOptimizer *o, guint i, int which)
 }
 
 double
+gd_optim_learning_rate (const GdOptimSettings *s, gint64 step)
+{
+  double lr = s->lr;
+  if (s->warmup_steps > 0 && step < s->warmup_steps)
+    lr *= (double) step / s->warmup_steps;
+  gint64 decay_start = s->total_steps - s->decay_steps;
+  if (s->decay_steps > 0 && step > decay_start)
+    {
+      double done = MIN (1.0, (double) (step - decay_start) / (double) s->decay_steps);
+      lr *= 0.5 * (1.0 + cos (G_PI * done));
+    }
+  return lr;
+}
+
+double
 gd_optimizer_step (GdOptimizer *o)
 {
   guint count = gd_model_n_params (o->model);
@@ -295,9 +310,7 @@ gd_optimizer_step (GdOptimizer *o)
   double norm = sqrt (norm2);
   double clip = (o->s.grad_clip > 0 && norm > o->s.grad_clip) ? o->s.grad_clip / norm : 1.0;
   o->step++;
-  double lr = o->s.lr;
-  if (o->s.warmup_steps > 0 && o->step < o->s.warmup_steps)
-    lr *= (double) o->step / o->s.warmup_steps;
+  double lr = gd_optim_learning_rate (&o->s, o->step);
   /* Loshchilov & Hutter (2019), Algorithm 2: Adam with decoupled weight decay */
   double bias1 = 1.0 - pow (o->s.beta1, (double) o->step);
   double bias2 = 1.0 - pow (o->s.beta2, (double) o->step);

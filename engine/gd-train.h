@@ -37,8 +37,14 @@ typedef struct {
   double weight_decay;   /* decoupled (AdamW) */
   double grad_clip;      /* global norm bound; 0 = none */
   int warmup_steps;      /* linear learning-rate warm-up */
+  gint64 decay_steps;    /* cosine decay of the learning rate to 0 over the last decay_steps */
+  gint64 total_steps;    /* ... of this many (decay_steps 0: constant after the warm-up) */
   double ema_rate;
 } GdOptimSettings;
+
+/* The learning rate of update number step (1, 2, ...): lr, scaled by step / warmup_steps
+ * during the warm-up and by (1 + cos(pi d / decay_steps)) / 2 at d steps into the decay. */
+double gd_optim_learning_rate (const GdOptimSettings *settings, gint64 step);
 
 typedef struct GdOptimizer GdOptimizer;
 

@@ -97,6 +97,7 @@ gd_train_config_parse (GdTrainConfig *cfg, const char *json, const char *origin,
   cfg->optim.ema_rate = json_object_get_double_member_with_default (obj, "ema_rate", 0.9999);
   cfg->optim.grad_clip = json_object_get_double_member_with_default (obj, "grad_clip", 1.0);
   cfg->optim.warmup_steps = (int) json_object_get_int_member_with_default (obj, "warmup_steps", 0);
+  cfg->optim.decay_steps = json_object_get_int_member_with_default (obj, "lr_decay_steps", 0);
   cfg->flip = json_object_get_boolean_member_with_default (obj, "flip", FALSE);
   cfg->noised = json_object_get_boolean_member_with_default (obj, "noised", TRUE);
   cfg->checkpoint_minutes = json_object_get_double_member_with_default (obj, "checkpoint_minutes", 5.0);
@@ -108,6 +109,8 @@ gd_train_config_parse (GdTrainConfig *cfg, const char *json, const char *origin,
            || !(cfg->optim.ema_rate >= 0 && cfg->optim.ema_rate < 1) || cfg->optim.warmup_steps < 0)
     config_error (error, origin, "lr must be positive, weight_decay, grad_clip and warmup_steps "
                   "not negative, ema_rate in [0, 1)");
+  else if (cfg->optim.decay_steps < 0)
+    config_error (error, origin, "lr_decay_steps must not be negative");
   else if (!(cfg->checkpoint_minutes > 0))
     config_error (error, origin, "checkpoint_minutes must be positive");
   else
@@ -126,10 +129,12 @@ gd_train_config_to_json (const GdTrainConfig *cfg)
       "{\"kind\": \"%s\", \"model\": %s, \"diffusion\": %s, \"batch_size\": %d, "
       "\"steps\": %" G_GINT64_FORMAT ", \"seed\": %" G_GUINT64_FORMAT ", \"lr\": %.17g, "
       "\"weight_decay\": %.17g, \"ema_rate\": %.17g, \"grad_clip\": %.17g, \"warmup_steps\": %d, "
-      "\"flip\": %s, \"noised\": %s, \"checkpoint_minutes\": %.17g}",
+      "\"lr_decay_steps\": %" G_GINT64_FORMAT ", \"flip\": %s, \"noised\": %s, "
+      "\"checkpoint_minutes\": %.17g}",
       cfg->model.kind == GD_MODEL_UNET ? "unet" : "classifier", model, diffusion, cfg->batch_size,
       cfg->steps, cfg->seed, cfg->optim.lr, cfg->optim.weight_decay, cfg->optim.ema_rate,
-      cfg->optim.grad_clip, cfg->optim.warmup_steps, cfg->flip ? "true" : "false",
+      cfg->optim.grad_clip, cfg->optim.warmup_steps, cfg->optim.decay_steps,
+      cfg->flip ? "true" : "false",
       cfg->noised ? "true" : "false", cfg->checkpoint_minutes);
   g_free (model);
   g_free (diffusion);
@@ -222,7 +227,9 @@ gd_trainer_new (const GdTrainConfig *cfg, const GdDataset *data, GError **error)
   tr->model = model;
   tr->diffusion = diffusion;
   gd_model_init_training (model, cfg->seed);
-  tr->optimizer = gd_optimizer_new (model, &cfg->optim);
+  GdOptimSettings settings = cfg->optim;
+  settings.total_steps = cfg->steps;
+  tr->optimizer = gd_optimizer_new (model, &settings);
   tr->permutation = g_new (int, data->count);
   tr->permutation_epoch = -1;
   size_t per_image = (size_t) data->channels * data->height * data->width;
@@ -379,6 +386,8 @@ gd_trainer_load_checkpoint (GdTrainer *tr, const char *path, GError **error)
   if (!gd_train_config_parse (&other, saved, path, error))
     goto out;
   other.steps = tr->cfg.steps;
+  /* so may the learning-rate decay at the end (a run extended and then annealed) */
+  other.optim.decay_steps = tr->cfg.optim.decay_steps;
   other.checkpoint_minutes = tr->cfg.checkpoint_minutes;
   char *other_json = gd_train_config_to_json (&other);
   gboolean same = strcmp (other_json, config) == 0;

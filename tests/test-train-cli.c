@@ -302,6 +302,53 @@ test_thread_count_independence (void)
   g_free (data);
 }
 
+/* The learning-rate schedule: linear warm-up, constant, cosine decay to 0 over the last
+ * lr_decay_steps; a run may be extended with a decay added on resume. */
+static void
+test_learning_rate_schedule (void)
+{
+  GdOptimSettings s = { .lr = 0.01, .warmup_steps = 10, .decay_steps = 100, .total_steps = 1000 };
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 5) - 0.005), <, 1e-12);
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 500) - 0.01), <, 1e-12);
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 900) - 0.01), <, 1e-12);
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 950) - 0.005), <, 1e-12);
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 1000)), <, 1e-12);
+  s.decay_steps = 0;
+  g_assert_cmpfloat (fabs (gd_optim_learning_rate (&s, 1000) - 0.01), <, 1e-12);
+
+  char *data = idx_folder ();
+  char *plain = write_config ("decay-0.json", "unet", tiny_unet, 4, 6, "");
+  char *annealed = write_config ("decay-1.json", "unet", tiny_unet, 4, 12, ", \"lr_decay_steps\": 6");
+  char *model = tmp_path ("decay.safetensors"), *checkpoint = g_strconcat (model, ".ckpt", NULL);
+  char *first[] = { (char *) guided, "train", "diffusion", "--data", data, "--config", plain,
+                    "-o", model, NULL };
+  char *second[] = { (char *) guided, "train", "diffusion", "--data", data, "--config", annealed,
+                     "-o", model, "--resume", NULL };
+  char *err = NULL;
+  g_assert_true (g_spawn_check_wait_status (spawn_wait (first, &err), NULL));
+  g_free (err);
+  int status = spawn_wait (second, &err);
+  if (!g_spawn_check_wait_status (status, NULL))
+    g_error ("resuming with a learning-rate decay added failed: %s", err);
+  g_assert_nonnull (strstr (err, "resumed"));
+  g_free (err);
+  GError *error = NULL;
+  GdSafetensors *st = gd_safetensors_open (model, &error);
+  g_assert_no_error (error);
+  g_assert_cmpstr (gd_safetensors_metadata (st, "training_steps"), ==, "12");
+  g_assert_nonnull (strstr (gd_safetensors_metadata (st, "training"), "\"lr_decay_steps\": 6"));
+  gd_safetensors_free (st);
+  g_unlink (model);
+  g_unlink (checkpoint);
+  g_unlink (plain);
+  g_unlink (annealed);
+  g_free (model);
+  g_free (checkpoint);
+  g_free (plain);
+  g_free (annealed);
+  g_free (data);
+}
+
 /* A failing train command: non-zero exit, the cause on stderr, no model written. */
 static void
 expect_train_failure (const char *what, const char *kind, const char *data, const char *config,
@@ -423,6 +470,7 @@ main (int argc, char **argv)
   g_test_add_func ("/train/overfit/diffusion", test_overfit_diffusion);
   g_test_add_func ("/train/resume-after-kill", test_resume_after_kill);
   g_test_add_func ("/train/thread-count-independence", test_thread_count_independence);
+  g_test_add_func ("/train/learning-rate-schedule", test_learning_rate_schedule);
   g_test_add_func ("/train/bad-data", test_bad_data);
   int status = g_test_run ();
   char *rm[] = { "rm", "-rf", tmpdir, NULL };
