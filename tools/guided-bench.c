@@ -25,29 +25,60 @@ compare_doubles (const void *a, const void *b)
   return x < y ? -1 : x > y;
 }
 
-/* Median seconds of `runs` runs after one warm-up; the GFLOP of one run. */
+/* When set: the sgemm that measures the peak, run again next to every run of a measured
+ * work, so that the share of the peak compares two things measured at the same moment (a
+ * shared or virtual machine's speed can drift by a factor of two within minutes). */
+static Work peak_work;
+static gpointer peak_data;
+static double peak_gflop;
+
+static double
+seconds_of (Work work, gpointer data, GError **error)
+{
+  gint64 start = g_get_monotonic_time ();
+  if (!work (data, error))
+    return -1.0;
+  return (g_get_monotonic_time () - start) / 1e6;
+}
+
+/* Median seconds of `runs` runs after one warm-up; the GFLOP of one run; with peak_work,
+ * the median over the runs of the run's GFLOPS over the peak's measured right after it
+ * (else *share is 0). */
 static gboolean
-measure (Work work, gpointer data, int runs, double *seconds, double *gflop, GError **error)
+measure (Work work, gpointer data, int runs, double *seconds, double *gflop, double *share,
+         GError **error)
 {
   if (!work (data, error))
     return FALSE;
-  double *times = g_new (double, runs);
-  guint64 before = gd_sgemm_flops ();
-  for (int r = 0; r < runs; r++)
+  double *times = g_new (double, runs), *shares = g_new0 (double, runs);
+  guint64 flops = 0;
+  gboolean ok = TRUE;
+  for (int r = 0; r < runs && ok; r++)
     {
-      gint64 start = g_get_monotonic_time ();
-      if (!work (data, error))
+      guint64 before = gd_sgemm_flops ();
+      times[r] = seconds_of (work, data, error);
+      flops += gd_sgemm_flops () - before;
+      ok = times[r] >= 0;
+      if (ok && peak_work)
         {
-          g_free (times);
-          return FALSE;
+          double peak_seconds = seconds_of (peak_work, peak_data, error);
+          ok = peak_seconds > 0;
+          if (ok)
+            shares[r] = ((gd_sgemm_flops () - before) / 1e9 - peak_gflop) / times[r]
+                        / (peak_gflop / peak_seconds);
         }
-      times[r] = (g_get_monotonic_time () - start) / 1e6;
     }
-  *gflop = (gd_sgemm_flops () - before) / 1e9 / runs;
-  qsort (times, runs, sizeof (double), compare_doubles);
-  *seconds = times[runs / 2];
+  if (ok)
+    {
+      *gflop = flops / 1e9 / runs;
+      qsort (times, runs, sizeof (double), compare_doubles);
+      qsort (shares, runs, sizeof (double), compare_doubles);
+      *seconds = times[runs / 2];
+      *share = shares[runs / 2];
+    }
   g_free (times);
-  return TRUE;
+  g_free (shares);
+  return ok;
 }
 
 typedef struct {
@@ -70,8 +101,8 @@ gemm_gflops (int m, int n, int k, int runs)
   Gemm g = { m, n, k, g_new (float, (size_t) m * k), g_new (float, (size_t) k * n), g_new (float, (size_t) m * n) };
   gd_random_uniform (1, 1, g.a, (size_t) m * k);
   gd_random_uniform (1, 2, g.b, (size_t) k * n);
-  double seconds, gflop;
-  measure (run_gemm, &g, runs, &seconds, &gflop, NULL);
+  double seconds, gflop, share;
+  measure (run_gemm, &g, runs, &seconds, &gflop, &share, NULL);
   g_free (g.a);
   g_free (g.b);
   g_free (g.c);
@@ -172,10 +203,10 @@ step_clear (Step *s)
 }
 
 static void
-report (const char *what, double seconds, double gflop, double peak)
+report (const char *what, double seconds, double gflop, double share)
 {
   printf ("| %s | %.3f s | %.1f | %.1f | %.0f%% |\n", what, seconds, gflop, gflop / seconds,
-          100.0 * gflop / seconds / peak);
+          100.0 * share);
   fflush (stdout);
 }
 
@@ -190,7 +221,16 @@ bench (int runs, gboolean big, GError **error)
   double conv_shaped = gemm_gflops (192, 4096, 1728, runs);
   printf ("sgemm peak (2048^3): %.1f GFLOPS; conv-shaped (192 x 4096 x 1728): %.1f GFLOPS\n\n",
           peak, conv_shaped);
+  printf ("share of peak: each run's GFLOPS over those of a 2048^3 sgemm run right after it "
+          "(the median of the runs)\n\n");
   printf ("| work | time (median of %d) | GFLOP | GFLOPS | share of peak |\n| --- | --- | --- | --- | --- |\n", runs);
+  Gemm peak_gemm = { 2048, 2048, 2048, g_new (float, 2048 * 2048), g_new (float, 2048 * 2048),
+                     g_new (float, 2048 * 2048) };
+  gd_random_uniform (1, 1, peak_gemm.a, 2048 * 2048);
+  gd_random_uniform (1, 2, peak_gemm.b, 2048 * 2048);
+  peak_work = run_gemm;
+  peak_data = &peak_gemm;
+  peak_gflop = 2.0 * 2048 * 2048 * 2048 / 1e9;
   s.unet = release_model ("64x64_diffusion", error);
   s.classifier = s.unet ? release_model ("64x64_classifier", error) : NULL;
   if (!s.classifier)
@@ -204,21 +244,21 @@ bench (int runs, gboolean big, GError **error)
   const int batches[] = { 1, 4 };
   for (int b = 0; b < 2; b++)
     {
-      double seconds, gflop;
+      double seconds, gflop, share;
       char what[96];
       step_alloc (&s, batches[b]);
       g_snprintf (what, sizeof what, "64x64 U-Net forward, batch %d", batches[b]);
-      if (!measure (run_unet, &s, runs, &seconds, &gflop, error))
+      if (!measure (run_unet, &s, runs, &seconds, &gflop, &share, error))
         goto out;
-      report (what, seconds, gflop, peak);
+      report (what, seconds, gflop, share);
       g_snprintf (what, sizeof what, "64x64 classifier forward + input gradient, batch %d", batches[b]);
-      if (!measure (run_classifier, &s, runs, &seconds, &gflop, error))
+      if (!measure (run_classifier, &s, runs, &seconds, &gflop, &share, error))
         goto out;
-      report (what, seconds, gflop, peak);
+      report (what, seconds, gflop, share);
       g_snprintf (what, sizeof what, "64x64 guided DDIM step, batch %d", batches[b]);
-      if (!measure (run_step, &s, runs, &seconds, &gflop, error))
+      if (!measure (run_step, &s, runs, &seconds, &gflop, &share, error))
         goto out;
-      report (what, seconds, gflop, peak);
+      report (what, seconds, gflop, share);
       step_clear (&s);
       if (batches[b] == 1)
         {
@@ -273,12 +313,12 @@ bench (int runs, gboolean big, GError **error)
         goto out;
       gd_model_set_inference (large.unet, TRUE);
       step_alloc (&large, 1);
-      double seconds, gflop;
-      gboolean ok = measure (run_unet, &large, MAX (1, runs / 2), &seconds, &gflop, error);
+      double seconds, gflop, share;
+      gboolean ok = measure (run_unet, &large, MAX (1, runs / 2), &seconds, &gflop, &share, error);
       if (ok)
         {
           printf ("\n| work | time | GFLOP | GFLOPS | share of peak |\n| --- | --- | --- | --- | --- |\n");
-          report ("256x256 unconditional U-Net forward, batch 1", seconds, gflop, peak);
+          report ("256x256 unconditional U-Net forward, batch 1", seconds, gflop, share);
         }
       step_clear (&large);
       gd_model_free (large.unet);
@@ -292,6 +332,10 @@ bench (int runs, gboolean big, GError **error)
           rss_weights, rss_batch1 - rss_weights);
   status = 0;
 out:
+  peak_work = NULL;
+  g_free (peak_gemm.a);
+  g_free (peak_gemm.b);
+  g_free (peak_gemm.c);
   step_clear (&s);
   gd_model_free (s.unet);
   gd_model_free (s.classifier);
