@@ -91,6 +91,16 @@ shift_rows (int h, int dy, int *first, int *last)
   *last = dy > 0 ? h - 1 : h;
 }
 
+/* The column of a row of shift dx that wrapped around from the neighbouring image row
+ * (the first column for dx < 0, the last for dx > 0), set to zero in rows [first, last). */
+static void
+zero_wrapped_column (float *row, int w, int first, int last, int dx)
+{
+  if (dx != 0)
+    for (int oy = first; oy < last; oy++)
+      row[(size_t) oy * w + (dx < 0 ? 0 : w - 1)] = 0.0f;
+}
+
 GD_VECTOR_CLONES static void
 im2col_3x3 (const float *x, int cin, int h, int w, float *col, size_t ld)
 {
@@ -118,9 +128,7 @@ im2col_3x3 (const float *x, int cin, int h, int w, float *col, size_t ld)
             memcpy (dst, from + 1, sizeof (float) * (span - 1));
           else
             memcpy (dst, from, sizeof (float) * span);
-          if (dx != 0)
-            for (int oy = first; oy < last; oy++)
-              row[(size_t) oy * w + (dx < 0 ? 0 : w - 1)] = 0.0f;
+          zero_wrapped_column (row, w, first, last, dx);
         }
 }
 
@@ -139,9 +147,7 @@ col2im_3x3 (float *col, size_t ld, int cin, int h, int w, float *dx_image)
           shift_rows (h, dy, &first, &last);
           if (last <= first)
             continue;
-          if (dx != 0)
-            for (int oy = first; oy < last; oy++)
-              row[(size_t) oy * w + (dx < 0 ? 0 : w - 1)] = 0.0f;
+          zero_wrapped_column (row, w, first, last, dx);
           size_t span = (size_t) (last - first) * w;
           const float *from = row + (size_t) first * w;
           float *to = dx_image + ci * plane + (size_t) (first + dy) * w;
