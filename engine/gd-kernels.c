@@ -62,14 +62,26 @@ conv_lanes (int n)
   return MIN (n, gd_parallel_threads ());
 }
 
-/* The work buffer of a convolution: one image's columns per thread (no more threads than
- * images). */
+/* Input channels per band: a convolution runs over its input channels in bands whose columns
+ * (im2col rows) fit in CONV_BAND_BYTES, each band one product that adds to the output (the
+ * product's depth is cut, so nothing is packed twice); at least one channel. */
+#define CONV_BAND_BYTES ((size_t) 16 << 20)
+
+static int
+conv_band (int cin, int k, size_t spatial)
+{
+  size_t per_channel = (size_t) k * k * spatial * sizeof (float);
+  return (int) CLAMP (CONV_BAND_BYTES / per_channel, 1, (size_t) cin);
+}
+
+/* The work buffer of a convolution: one band of one image's columns per thread (no more
+ * threads than images). */
 size_t
 gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad)
 {
   (void) cout;
-  size_t depth = (size_t) cin * k * k;
   size_t spatial = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  size_t depth = (size_t) conv_band (cin, k, spatial) * k * k;
   return (size_t) conv_lanes (n) * depth * spatial;
 }
 
@@ -265,29 +277,34 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
                 float *to, float *work)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
-  int spatial = ho * wo, depth = cin * k * k;
-  size_t image = (size_t) cin * h * w, result = (size_t) cout * spatial;
+  int spatial = ho * wo, depth = cin * k * k, kk = k * k;
+  size_t image = (size_t) cin * h * w, result = (size_t) cout * spatial, plane = (size_t) h * w;
   gboolean pointwise = conv_is_pointwise (k, stride, pad);
+  int band = pointwise ? cin : conv_band (cin, k, spatial);
 #pragma omp parallel num_threads (conv_lanes (n))
   {
-    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
+    float *col = work + (size_t) omp_get_thread_num () * band * kk * spatial;
 #pragma omp for schedule (dynamic)
     for (int i = 0; i < n; i++)
       {
         if (input_gradient)
           {
-            /* dcol = W^T dy, then summed back onto the pixels it was read from */
+            /* dcol = W^T dy, then summed back onto the pixels it was read from, a band of
+             * input channels at a time */
             float *dxi = to + i * image;
-            gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
-                      from + i * result, spatial, 0.0f, pointwise ? dxi : col, spatial);
-            if (!pointwise)
-              col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
+            for (int c0 = 0; c0 < cin; c0 += band)
+              {
+                int cb = MIN (band, cin - c0);
+                gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
+                          weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
+                          pointwise ? dxi : col, spatial);
+                if (!pointwise)
+                  col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
+              }
             continue;
           }
         const float *xi = from + i * image;
         float *yi = to + i * result;
-        if (!pointwise)
-          im2col (xi, cin, h, w, k, stride, pad, col, spatial);
         float beta = 0.0f;
         if (bias)
           {
@@ -300,8 +317,15 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
               }
             beta = 1.0f;
           }
-        gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, depth, 1.0f, weight, depth,
-                  pointwise ? xi : col, spatial, beta, yi, spatial);
+        for (int c0 = 0; c0 < cin; c0 += band)
+          {
+            int cb = MIN (band, cin - c0);
+            if (!pointwise)
+              im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
+            gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
+                      weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
+                      c0 == 0 ? beta : 1.0f, yi, spatial);
+          }
       }
   }
 }
@@ -330,13 +354,15 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
    * own partial sums (image by image, the columns of one image in the cache), the partial
    * sums then added in chunk order: the same numbers for any thread count. */
   gboolean pointwise = conv_is_pointwise (k, stride, pad);
+  int kk = k * k, band = pointwise ? cin : conv_band (cin, k, spatial);
+  size_t plane = (size_t) h * w;
   int chunks = (n + GRADIENT_CHUNK - 1) / GRADIENT_CHUNK;
   size_t weights = (size_t) cout * depth;
   float *partial_w = dweight ? g_new (float, (size_t) chunks * weights) : NULL;
   double *partial_b = dbias ? g_new0 (double, (size_t) chunks * cout) : NULL;
 #pragma omp parallel num_threads (conv_lanes (chunks))
   {
-    float *col = work + (size_t) omp_get_thread_num () * depth * spatial;
+    float *col = work + (size_t) omp_get_thread_num () * band * kk * spatial;
 #pragma omp for schedule (dynamic)
     for (int c = 0; c < chunks; c++)
       for (int i = c * GRADIENT_CHUNK; i < MIN (n, (c + 1) * GRADIENT_CHUNK); i++)
@@ -352,22 +378,28 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                   sum += row[q];
                 partial_b[(size_t) c * cout + co] += sum;
               }
-          if (dweight)
+          /* a band of input channels at a time: its columns, their part of dW, then dcol
+           * = W^T dy in the columns that dW no longer needs, summed back onto the pixels */
+          for (int c0 = 0; c0 < cin; c0 += band)
             {
-              if (!pointwise)
-                im2col (xi, cin, h, w, k, stride, pad, col, spatial);
-              gd_sgemm (CblasNoTrans, CblasTrans, cout, depth, spatial, 1.0f, dyi, spatial,
-                        pointwise ? xi : col, spatial, i == c * GRADIENT_CHUNK ? 0.0f : 1.0f,
-                        partial_w + (size_t) c * weights, depth);
-            }
-          if (dx)
-            {
-              /* dcol = W^T dy, in the columns that dW no longer needs */
-              float *dxi = dx + (size_t) i * cin * h * w;
-              gd_sgemm (CblasTrans, CblasNoTrans, depth, spatial, cout, 1.0f, weight, depth,
-                        dyi, spatial, 0.0f, pointwise ? dxi : col, spatial);
-              if (!pointwise)
-                col2im (col, spatial, cin, h, w, k, stride, pad, dxi);
+              int cb = MIN (band, cin - c0);
+              if (dweight)
+                {
+                  if (!pointwise)
+                    im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
+                  gd_sgemm (CblasNoTrans, CblasTrans, cout, cb * kk, spatial, 1.0f, dyi, spatial,
+                            pointwise ? xi : col, spatial, i == c * GRADIENT_CHUNK ? 0.0f : 1.0f,
+                            partial_w + (size_t) c * weights + (size_t) c0 * kk, depth);
+                }
+              if (dx)
+                {
+                  float *dxi = dx + (size_t) i * cin * plane;
+                  gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
+                            weight + (size_t) c0 * kk, depth, dyi, spatial, 0.0f,
+                            pointwise ? dxi : col, spatial);
+                  if (!pointwise)
+                    col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
+                }
             }
         }
   }
@@ -836,7 +868,7 @@ gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int leg
         const float *base = qkv + (size_t) b * 3 * width * L;
         size_t qo, ko, vo;
         qkv_rows (heads, ch, L, legacy, hd, &qo, &ko, &vo);
-        float *p = probs + ((size_t) b * heads + hd) * L * L;
+        float *p = probs ? probs + ((size_t) b * heads + hd) * L * L : g_new (float, (size_t) L * L);
         /* S[t, s] = sum_c q[c, t] k[c, s] / sqrt(ch) */
         gd_sgemm (CblasTrans, CblasNoTrans, L, L, ch,
                      scale2, base + qo, L, base + ko, L, 0.0f, p, L);
@@ -845,6 +877,8 @@ gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int leg
         float *a = out + ((size_t) b * width + (size_t) hd * ch) * L;
         gd_sgemm (CblasNoTrans, CblasTrans, ch, L, L,
                      1.0f, base + vo, L, p, L, 0.0f, a, L);
+        if (!probs)
+          g_free (p);
       }
 }
 

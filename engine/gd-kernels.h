@@ -67,7 +67,7 @@ void gd_upsample2_backward (int n, int c, int h, int w, const float *dy, float *
 /* Multi-head QKV attention on qkv: [n, 3 * heads * ch, L] -> out: [n, heads * ch, L].
  * legacy: channels grouped per head as (q, k, v) (QKVAttentionLegacy); otherwise all q,
  * then all k, then all v (QKVAttention).  weight = softmax(q^T k / sqrt(ch)) over keys.
- * probs: [n, heads, L, L] softmax weights, saved for backward. */
+ * probs: [n, heads, L, L] softmax weights, saved for backward, or NULL (not kept).  */
 void gd_attention_forward (const float *qkv, int n, int heads, int ch, int L, int legacy,
                            float *out, float *probs);
 void gd_attention_backward (const float *qkv, int n, int heads, int ch, int L, int legacy,

@@ -53,6 +53,11 @@ typedef enum { LAYER_CONV, LAYER_RES, LAYER_ATTN, LAYER_DOWN, LAYER_UP } LayerKi
 
 enum { RESAMPLE_NONE = 0, RESAMPLE_UP = 1, RESAMPLE_DOWN = -1 };
 
+/* What a forward pass keeps for a backward pass: nothing (inference), what the input
+ * gradient reads (a classifier's guidance gradient), or also what parameter gradients
+ * read (training). */
+typedef enum { KEEP_NOTHING, KEEP_INPUT_GRADIENT, KEEP_ALL } Keep;
+
 /* Saved activations and scratch of one layer; names follow the forward pass. */
 enum {
   S_A1, S_A2, S_A2U, S_XU, S_H1, S_SE, S_E, S_G, S_G2, S_G3, S_SKIP,
@@ -84,7 +89,9 @@ typedef struct {
   int heads, head_channels;
   gboolean legacy;
 
-  Buf out, dx;
+  Buf out;
+  const float *y;            /* where the last forward's output went */
+  gboolean persist;          /* its output is read after the next layer has run (a skip) */
   Buf saved[N_SAVED];
 } Layer;
 
@@ -92,6 +99,7 @@ typedef struct {
   GPtrArray *layers;    /* Layer* */
   int skip_channels;    /* output blocks: channels of the concatenated skip */
   Buf concat, dskip;     /* output blocks: the concat input; input blocks: gradient of the skip */
+  gboolean skip_source;  /* a U-Net input block: an output block reads its output */
   const float *out;
   int c, h, w;
 } Block;
@@ -124,8 +132,12 @@ struct GdModel {
   int n, h, w;
   gboolean grads;             /* parameter gradients are being accumulated */
   gboolean inference;         /* gd_model_set_inference */
-  gboolean kept;              /* the last forward kept what a backward pass reads */
-  Buf shared[N_SAVED];        /* every layer's scratch in a forward that keeps nothing */
+  Keep kept;                  /* what the last forward kept for a backward pass */
+  Buf shared[N_SAVED];        /* scratch that no backward pass reads, shared by all layers */
+  Buf dxs[2];                 /* layer input gradients, taking turns (layer_dx) */
+  Buf outs[2], concat;        /* layer outputs and concatenations of inference passes */
+  int out_turn;
+  int dx_turn;
   const int64_t *labels;      /* y of the last forward (class-conditional U-Nets) */
   Buf temb, e1, e1s, emb, head_norm, head_silu, head_stats, pooled, pool_qkv_buf,
       pool_probs, pool_att, pool_out, work, dhead, dtmp, dtmp2, demb, de1;
@@ -209,7 +221,6 @@ layer_free (gpointer data)
 {
   Layer *l = data;
   buf_clear (&l->out);
-  buf_clear (&l->dx);
   for (int i = 0; i < N_SAVED; i++)
     buf_clear (&l->saved[i]);
   g_free (l);
@@ -221,7 +232,6 @@ block_release_saved (Block *b)
   for (guint i = 0; i < b->layers->len; i++)
     {
       Layer *l = b->layers->pdata[i];
-      buf_clear (&l->dx);
       for (int k = 0; k < N_SAVED; k++)
         buf_clear (&l->saved[k]);
     }
@@ -548,6 +558,25 @@ build (GdModel *m, GError **error)
   return ok;
 }
 
+/* The model's own buffers (not those of its layers). */
+#define MODEL_BUFS (23 + N_SAVED)
+
+static guint
+model_bufs (GdModel *m, Buf *bufs[MODEL_BUFS])
+{
+  Buf *own[] = { &m->temb, &m->e1, &m->e1s, &m->emb, &m->head_norm, &m->head_silu,
+                 &m->head_stats, &m->pooled, &m->pool_qkv_buf, &m->pool_probs, &m->pool_att,
+                 &m->pool_out, &m->work, &m->dhead, &m->dtmp, &m->dtmp2, &m->demb, &m->de1,
+                 &m->dxs[0], &m->dxs[1], &m->outs[0], &m->outs[1], &m->concat };
+  G_STATIC_ASSERT (G_N_ELEMENTS (own) + N_SAVED == MODEL_BUFS);
+  guint count = 0;
+  for (guint i = 0; i < G_N_ELEMENTS (own); i++)
+    bufs[count++] = own[i];
+  for (int i = 0; i < N_SAVED; i++)
+    bufs[count++] = &m->shared[i];
+  return count;
+}
+
 GdModel *
 gd_model_new (const GdModelConfig *cfg, const char *origin, GError **error)
 {
@@ -566,6 +595,8 @@ gd_model_new (const GdModelConfig *cfg, const char *origin, GError **error)
       gd_model_free (m);
       return NULL;
     }
+  for (guint i = 0; cfg->kind == GD_MODEL_UNET && i < m->input_blocks->len; i++)
+    ((Block *) m->input_blocks->pdata[i])->skip_source = TRUE;
   return m;
 }
 
@@ -579,13 +610,9 @@ gd_model_free (GdModel *m)
   block_free (m->middle);
   g_hash_table_unref (m->param_by_name);
   g_ptr_array_unref (m->params);
-  Buf *bufs[] = { &m->temb, &m->e1, &m->e1s, &m->emb, &m->head_norm, &m->head_silu,
-                  &m->head_stats, &m->pooled, &m->pool_qkv_buf, &m->pool_probs, &m->pool_att,
-                  &m->pool_out, &m->work, &m->dhead, &m->dtmp, &m->dtmp2, &m->demb, &m->de1 };
-  for (guint i = 0; i < G_N_ELEMENTS (bufs); i++)
+  Buf *bufs[MODEL_BUFS];
+  for (guint i = 0, count = model_bufs (m, bufs); i < count; i++)
     buf_clear (bufs[i]);
-  for (int i = 0; i < N_SAVED; i++)
-    buf_clear (&m->shared[i]);
   gd_safetensors_free (m->file);
   if (m->metadata)
     g_hash_table_unref (m->metadata);
@@ -934,12 +961,48 @@ resample_backward (int resample, int n, int c, int h, int w, const float *dy, fl
     gd_avg_pool2_backward (n, c, h, w, dy, dx);
 }
 
-/* Where a layer keeps its intermediate results: its own buffers when a backward pass may
- * follow, else one set shared by all layers (a layer reads only its own while it runs). */
-static Buf *
-layer_saved (GdModel *m, Layer *l)
+/* Where a layer's output goes: its own buffer when something reads it after the next layer
+ * has run (the backward pass, or an output block through a U-Net skip), else one of two
+ * buffers that the layers of an inference pass take turns on (a layer reads the other). */
+static float *
+layer_out (GdModel *m, Layer *l, size_t count)
 {
-  return m->kept ? l->saved : m->shared;
+  Buf *b = &l->out;
+  if (m->kept == KEEP_NOTHING && !l->persist)
+    {
+      m->out_turn ^= 1;
+      b = &m->outs[m->out_turn];
+    }
+  l->y = buf_get (b, count);
+  return (float *) l->y;
+}
+
+/* Whether the backward pass of layer l reads slot k of its forward pass when it computes
+ * the input gradient only: a ResBlock's h1, e and GroupNorm statistics (it computes the
+ * values before each SiLU again from them and its input), the attention's qkv and
+ * probabilities.  The rest (the inputs of convolutions) only parameter gradients read. */
+static gboolean
+input_gradient_reads (const Layer *l, int k)
+{
+  switch (l->kind)
+    {
+    case LAYER_RES:
+      return k == S_H1 || k == S_E || k == S_STATS1 || k == S_STATS2;
+    case LAYER_ATTN:
+      return k == S_A2 || k == S_G || k == S_STATS1;
+    default:
+      return FALSE;
+    }
+}
+
+/* Where slot k of a layer's forward results goes: the layer's own buffer when the coming
+ * backward pass reads it, else a buffer shared by all layers (a layer reads only its own
+ * while it runs). */
+static Buf *
+slot (GdModel *m, Layer *l, int k)
+{
+  gboolean own = m->kept == KEEP_ALL || (m->kept == KEEP_INPUT_GRADIENT && input_gradient_reads (l, k));
+  return own ? &l->saved[k] : &m->shared[k];
 }
 
 static void
@@ -947,7 +1010,6 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
 {
   int n = l->n, h = l->h, w = l->w, cin = l->cin, cout = l->cout;
   size_t in_size = (size_t) n * cin * h * w;
-  Buf *s = layer_saved (m, l);
   if (l->resample == RESAMPLE_UP)
     l->ho = 2 * h, l->wo = 2 * w;
   else if (l->resample == RESAMPLE_DOWN)
@@ -958,34 +1020,34 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
   size_t out_size = (size_t) n * cout * hwo;
 
   /* in_layers: GroupNorm, SiLU, (resample), conv; the skip path is resampled alike */
-  float *a1 = m->kept ? buf_get (&s[S_A1], in_size) : NULL;
-  float *a2 = buf_get (&s[S_A2], in_size);
+  float *a1 = m->kept != KEEP_NOTHING ? buf_get (slot (m, l, S_A1), in_size) : NULL;
+  float *a2 = buf_get (slot (m, l, S_A2), in_size);
   norm_act_forward (&l->in_norm, x, n, h * w, NULL, a1, a2,
-                    buf_get (&s[S_STATS1], 2 * n * GROUPS));
+                    buf_get (slot (m, l, S_STATS1), 2 * n * GROUPS));
   const float *a2u = a2, *xu = x;
   if (l->resample != RESAMPLE_NONE)
     {
-      float *up = buf_get (&s[S_A2U], (size_t) n * cin * hwo);
+      float *up = buf_get (slot (m, l, S_A2U), (size_t) n * cin * hwo);
       resample_forward (l->resample, a2, n, cin, h, w, up);
-      float *xr = buf_get (&s[S_XU], (size_t) n * cin * hwo);
+      float *xr = buf_get (slot (m, l, S_XU), (size_t) n * cin * hwo);
       resample_forward (l->resample, x, n, cin, h, w, xr);
       a2u = up;
       xu = xr;
     }
-  float *h1 = buf_get (&s[S_H1], out_size);
+  float *h1 = buf_get (slot (m, l, S_H1), out_size);
   conv_forward (m, &l->in_conv, a2u, n, l->ho, l->wo, h1);
 
   /* emb_layers: SiLU, linear */
-  float *se = buf_get (&s[S_SE], (size_t) n * m->emb_dim);
+  float *se = buf_get (slot (m, l, S_SE), (size_t) n * m->emb_dim);
   gd_silu_forward (emb, (size_t) n * m->emb_dim, se);
-  float *e = buf_get (&s[S_E], (size_t) n * l->emb_lin.out);
+  float *e = buf_get (slot (m, l, S_E), (size_t) n * l->emb_lin.out);
   gd_linear_forward (se, n, m->emb_dim, l->emb_lin.weight->data, l->emb_lin.bias->data,
                      l->emb_lin.out, e);
 
   /* out_layers: GroupNorm with the embedding as scale-shift (or added before it), SiLU, conv */
-  float *g = buf_get (&s[S_G], out_size), *g3 = buf_get (&s[S_G3], out_size);
-  float *stats2 = buf_get (&s[S_STATS2], 2 * n * GROUPS);
-  if (!m->kept)
+  float *g = buf_get (slot (m, l, S_G), out_size), *g3 = buf_get (slot (m, l, S_G3), out_size);
+  float *stats2 = buf_get (slot (m, l, S_STATS2), 2 * n * GROUPS);
+  if (m->kept == KEEP_NOTHING)
     {
       /* nothing reads the steps in between: one pass */
       if (l->scale_shift)
@@ -998,22 +1060,22 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
     }
   else if (l->scale_shift)
     {
-      float *g2 = buf_get (&s[S_G2], out_size);
+      float *g2 = buf_get (slot (m, l, S_G2), out_size);
       norm_forward (&l->out_norm, h1, n, hwo, g, stats2);
       gd_scale_shift_forward (g, n, cout, hwo, e, g2);
       gd_silu_forward (g2, out_size, g3);
     }
   else
     {
-      float *g2 = buf_get (&s[S_G2], out_size);
+      float *g2 = buf_get (slot (m, l, S_G2), out_size);
       gd_add_channel_bias_forward (h1, n, cout, hwo, e, g);
       norm_act_forward (&l->out_norm, g, n, hwo, NULL, g2, g3, stats2);
     }
-  float *out = buf_get (&l->out, out_size);
+  float *out = layer_out (m, l, out_size);
   conv_forward (m, &l->out_conv, g3, n, l->ho, l->wo, out);
   if (l->has_skip)
     {
-      float *skip = buf_get (&s[S_SKIP], out_size);
+      float *skip = buf_get (slot (m, l, S_SKIP), out_size);
       conv_forward (m, &l->skip, xu, n, l->ho, l->wo, skip);
       gd_accumulate (out, skip, out_size);
     }
@@ -1021,37 +1083,80 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
     gd_accumulate (out, xu, out_size);
 }
 
+/* The input gradient of the layer whose backward pass runs.  Two buffers take turns: a
+ * layer reads the gradient the layer after it wrote, never the one it writes, and nothing
+ * reads a layer's input gradient after the layer before it has run. */
+static float *
+layer_dx (GdModel *m, size_t count)
+{
+  m->dx_turn ^= 1;
+  return buf_get (&m->dxs[m->dx_turn], count);
+}
+
+/* The values before each SiLU of a ResBlock (a1; g and the scale-shifted g2), computed again
+ * into the shared buffers exactly as its forward pass computed them, from what a forward
+ * that kept only what the input gradient reads left: the block's input, h1 and e. */
 static void
+res_recompute (GdModel *m, Layer *l)
+{
+  int n = l->n, hw = l->h * l->w, hwo = l->ho * l->wo, cout = l->cout;
+  size_t in_size = (size_t) n * l->cin * hw, out_size = (size_t) n * cout * hwo;
+  Buf *sh = m->shared;
+  float *stats = buf_get (&sh[S_STATS1], 2 * n * GROUPS);
+  norm_act_forward (&l->in_norm, l->x, n, hw, NULL, buf_get (&sh[S_A1], in_size),
+                    buf_get (&sh[S_A2], in_size), stats);
+  const float *h1 = l->saved[S_H1].data, *e = l->saved[S_E].data;
+  float *g = buf_get (&sh[S_G], out_size), *g2 = buf_get (&sh[S_G2], out_size);
+  if (l->scale_shift)
+    {
+      norm_forward (&l->out_norm, h1, n, hwo, g, stats);
+      gd_scale_shift_forward (g, n, cout, hwo, e, g2);
+    }
+  else
+    {
+      gd_add_channel_bias_forward (h1, n, cout, hwo, e, g);
+      norm_act_forward (&l->out_norm, g, n, hwo, NULL, g2, buf_get (&sh[S_G3], out_size), stats);
+    }
+}
+
+static const float *
 res_backward (GdModel *m, Layer *l, const float *dy, float *demb)
 {
   int n = l->n, h = l->h, w = l->w, cin = l->cin, cout = l->cout, hwo = l->ho * l->wo;
   size_t in_size = (size_t) n * cin * h * w, out_size = (size_t) n * cout * hwo;
   size_t in_resampled = (size_t) n * cin * hwo;
   Buf *s = l->saved;
+  /* a1, g and g2: kept, or computed again */
+  const Buf *pre = s;
+  if (m->kept != KEEP_ALL)
+    {
+      res_recompute (m, l);
+      pre = m->shared;
+    }
   const float *x = l->x;
   const float *xu = l->resample != RESAMPLE_NONE ? s[S_XU].data : x;
   const float *a2u = l->resample != RESAMPLE_NONE ? s[S_A2U].data : s[S_A2].data;
 
-  float *dg = buf_get (&s[S_T0], out_size);
+  float *dg = buf_get (&m->shared[S_T0], out_size);
   conv_backward (m, &l->out_conv, s[S_G3].data, n, l->ho, l->wo, dy, dg);
-  gd_silu_backward (s[S_G2].data, out_size, dg, dg);
-  float *dh1 = buf_get (&s[S_T1], out_size);
-  float *de = buf_zero (&s[S_T2], (size_t) n * l->emb_lin.out);
+  gd_silu_backward (pre[S_G2].data, out_size, dg, dg);
+  float *dh1 = buf_get (&m->shared[S_T1], out_size);
+  float *de = buf_zero (&m->shared[S_T2], (size_t) n * l->emb_lin.out);
   const float *stats2 = s[S_STATS2].data;
   if (l->scale_shift)
     {
-      float *dnorm = buf_get (&s[S_T3], out_size);
-      gd_scale_shift_backward (s[S_G].data, n, cout, hwo, s[S_E].data, dg, dnorm, de);
+      float *dnorm = buf_get (&m->shared[S_T3], out_size);
+      gd_scale_shift_backward (pre[S_G].data, n, cout, hwo, s[S_E].data, dg, dnorm, de);
       norm_backward (&l->out_norm, s[S_H1].data, n, hwo, stats2, dnorm, dh1);
     }
   else
     {
-      norm_backward (&l->out_norm, s[S_G].data, n, hwo, stats2, dg, dh1);
+      norm_backward (&l->out_norm, pre[S_G].data, n, hwo, stats2, dg, dh1);
       gd_add_channel_bias_backward (n, cout, hwo, dh1, NULL, de);
     }
   if (demb || l->emb_lin.weight->grad)
     {
-      float *dse = buf_get (&s[S_T3], (size_t) n * m->emb_dim);
+      float *dse = buf_get (&m->shared[S_T3], (size_t) n * m->emb_dim);
       gd_linear_backward (s[S_SE].data, n, m->emb_dim, l->emb_lin.weight->data, l->emb_lin.out,
                           de, dse, l->emb_lin.weight->grad, l->emb_lin.bias->grad);
       if (demb)
@@ -1060,10 +1165,10 @@ res_backward (GdModel *m, Layer *l, const float *dy, float *demb)
           gd_accumulate (demb, dse, (size_t) n * m->emb_dim);
         }
     }
-  float *da = buf_get (&s[S_T0], MAX (in_resampled, in_size));
+  float *da = buf_get (&m->shared[S_T0], MAX (in_resampled, in_size));
   conv_backward (m, &l->in_conv, a2u, n, l->ho, l->wo, dh1, da);
-  float *dx = buf_get (&l->dx, in_size);
-  float *dskip = buf_get (&s[S_T1], MAX (in_resampled, in_size));
+  float *dx = layer_dx (m, in_size);
+  float *dskip = buf_get (&m->shared[S_T1], MAX (in_resampled, in_size));
   if (l->has_skip)
     conv_backward (m, &l->skip, xu, n, l->ho, l->wo, dy, dskip);
   else
@@ -1071,14 +1176,15 @@ res_backward (GdModel *m, Layer *l, const float *dy, float *demb)
   float *da2 = da;
   if (l->resample != RESAMPLE_NONE)
     {
-      da2 = buf_get (&s[S_T3], in_size);
+      da2 = buf_get (&m->shared[S_T3], in_size);
       resample_backward (l->resample, n, cin, h, w, da, da2);
       resample_backward (l->resample, n, cin, h, w, dskip, da);  /* da is free again */
       dskip = da;
     }
-  gd_silu_backward (s[S_A1].data, in_size, da2, da2);
+  gd_silu_backward (pre[S_A1].data, in_size, da2, da2);
   norm_backward (&l->in_norm, x, n, h * w, s[S_STATS1].data, da2, dx);
   gd_accumulate (dx, dskip, in_size);
+  return dx;
 }
 
 static void
@@ -1086,37 +1192,38 @@ attn_forward (GdModel *m, Layer *l, const float *x)
 {
   int n = l->n, c = l->cin, L = l->h * l->w;
   size_t size = (size_t) n * c * L;
-  Buf *s = layer_saved (m, l);
   l->ho = l->h;
   l->wo = l->w;
-  float *a = buf_get (&s[S_A1], size);
-  norm_forward (&l->norm, x, n, L, a, buf_get (&s[S_STATS1], 2 * n * GROUPS));
-  float *qkv = buf_get (&s[S_A2], 3 * size);
+  float *a = buf_get (slot (m, l, S_A1), size);
+  norm_forward (&l->norm, x, n, L, a, buf_get (slot (m, l, S_STATS1), 2 * n * GROUPS));
+  float *qkv = buf_get (slot (m, l, S_A2), 3 * size);
   conv_forward (m, &l->qkv, a, n, L, 1, qkv);
-  float *probs = buf_get (&s[S_G], (size_t) n * l->heads * L * L);
-  float *att = buf_get (&s[S_G2], size);
+  /* the probabilities only for a backward pass; else a head's at a time, inside */
+  float *probs = m->kept != KEEP_NOTHING ? buf_get (slot (m, l, S_G), (size_t) n * l->heads * L * L) : NULL;
+  float *att = buf_get (slot (m, l, S_G2), size);
   gd_attention_forward (qkv, n, l->heads, l->head_channels, L, l->legacy, att, probs);
-  float *out = buf_get (&l->out, size);
+  float *out = layer_out (m, l, size);
   conv_forward (m, &l->proj, att, n, L, 1, out);
   gd_accumulate (out, x, size);
 }
 
-static void
+static const float *
 attn_backward (GdModel *m, Layer *l, const float *dy)
 {
   int n = l->n, c = l->cin, L = l->h * l->w;
   size_t size = (size_t) n * c * L;
   Buf *s = l->saved;
-  float *datt = buf_get (&s[S_T0], size);
+  float *datt = buf_get (&m->shared[S_T0], size);
   conv_backward (m, &l->proj, s[S_G2].data, n, L, 1, dy, datt);
-  float *dqkv = buf_get (&s[S_T1], 3 * size);
+  float *dqkv = buf_get (&m->shared[S_T1], 3 * size);
   gd_attention_backward (s[S_A2].data, n, l->heads, l->head_channels, L, l->legacy,
                          s[S_G].data, datt, dqkv);
-  float *da = buf_get (&s[S_T0], size);
+  float *da = buf_get (&m->shared[S_T0], size);
   conv_backward (m, &l->qkv, s[S_A1].data, n, L, 1, dqkv, da);
-  float *dx = buf_get (&l->dx, size);
+  float *dx = layer_dx (m, size);
   norm_backward (&l->norm, l->x, n, L, s[S_STATS1].data, da, dx);
   gd_accumulate (dx, dy, size);
+  return dx;
 }
 
 /* CONV (the stem), DOWN (strided conv or average pool), UP (nearest, then optional conv). */
@@ -1129,36 +1236,36 @@ plain_forward (GdModel *m, Layer *l, const float *x)
       l->ho = 2 * h;
       l->wo = 2 * w;
       size_t size = (size_t) n * l->cin * l->ho * l->wo;
-      float *up = buf_get (l->has_conv ? &layer_saved (m, l)[S_A1] : &l->out, size);
+      float *up = l->has_conv ? buf_get (slot (m, l, S_A1), size) : layer_out (m, l, size);
       gd_upsample2_forward (x, n, l->cin, h, w, up);
       if (l->has_conv)
-        conv_forward (m, &l->conv, up, n, l->ho, l->wo, buf_get (&l->out, size));
+        conv_forward (m, &l->conv, up, n, l->ho, l->wo, layer_out (m, l, size));
     }
   else if (l->has_conv)
     {
       l->ho = conv_out (h, &l->conv);
       l->wo = conv_out (w, &l->conv);
       conv_forward (m, &l->conv, x, n, h, w,
-                    buf_get (&l->out, (size_t) n * l->cout * l->ho * l->wo));
+                    layer_out (m, l, (size_t) n * l->cout * l->ho * l->wo));
     }
   else
     {
       l->ho = h / 2;
       l->wo = w / 2;
-      gd_avg_pool2_forward (x, n, l->cin, h, w, buf_get (&l->out, (size_t) n * l->cin * l->ho * l->wo));
+      gd_avg_pool2_forward (x, n, l->cin, h, w, layer_out (m, l, (size_t) n * l->cin * l->ho * l->wo));
     }
 }
 
-static void
+static const float *
 plain_backward (GdModel *m, Layer *l, const float *dy)
 {
   int n = l->n, h = l->h, w = l->w;
-  float *dx = buf_get (&l->dx, (size_t) n * l->cin * h * w);
+  float *dx = layer_dx (m, (size_t) n * l->cin * h * w);
   if (l->kind == LAYER_UP)
     {
       if (l->has_conv)
         {
-          float *dup = buf_get (&l->saved[S_T0], (size_t) n * l->cin * l->ho * l->wo);
+          float *dup = buf_get (&m->shared[S_T0], (size_t) n * l->cin * l->ho * l->wo);
           conv_backward (m, &l->conv, l->saved[S_A1].data, n, l->ho, l->wo, dy, dup);
           dy = dup;
         }
@@ -1168,6 +1275,7 @@ plain_backward (GdModel *m, Layer *l, const float *dy)
     conv_backward (m, &l->conv, l->x, n, h, w, dy, dx);
   else
     gd_avg_pool2_backward (n, l->cin, h, w, dy, dx);
+  return dx;
 }
 
 static const float *
@@ -1184,7 +1292,7 @@ layer_forward (GdModel *m, Layer *l, const float *x, int n, int h, int w, const 
     case LAYER_ATTN: attn_forward (m, l, x); break;
     default: plain_forward (m, l, x); break;
     }
-  return l->out.data;
+  return l->y;
 }
 
 static const float *
@@ -1192,11 +1300,10 @@ layer_backward (GdModel *m, Layer *l, const float *dy, float *demb)
 {
   switch (l->kind)
     {
-    case LAYER_RES: res_backward (m, l, dy, demb); break;
-    case LAYER_ATTN: attn_backward (m, l, dy); break;
-    default: plain_backward (m, l, dy); break;
+    case LAYER_RES: return res_backward (m, l, dy, demb);
+    case LAYER_ATTN: return attn_backward (m, l, dy);
+    default: return plain_backward (m, l, dy);
     }
-  return l->dx.data;
 }
 
 static const float *
@@ -1205,6 +1312,7 @@ block_forward (GdModel *m, Block *b, const float *x, int n, int *h, int *w, cons
   for (guint i = 0; i < b->layers->len; i++)
     {
       Layer *l = b->layers->pdata[i];
+      l->persist = b->skip_source && i + 1 == b->layers->len;
       x = layer_forward (m, l, x, n, *h, *w, emb);
       *h = l->ho;
       *w = l->wo;
@@ -1335,7 +1443,8 @@ unet_forward (GdModel *m, const float *x, int n, int h, int w, const float *emb,
       Block *skip = m->input_blocks->pdata[m->input_blocks->len - 1 - i];
       /* th.cat([h, hs.pop()], dim=1) */
       size_t hw = (size_t) h * w;
-      float *cat = buf_get (&b->concat, (size_t) n * (c + b->skip_channels) * hw);
+      float *cat = buf_get (m->kept == KEEP_NOTHING ? &m->concat : &b->concat,
+                            (size_t) n * (c + b->skip_channels) * hw);
       for (int j = 0; j < n; j++)
         {
           memcpy (cat + (size_t) j * (c + b->skip_channels) * hw, x + (size_t) j * c * hw,
@@ -1348,7 +1457,7 @@ unet_forward (GdModel *m, const float *x, int n, int h, int w, const float *emb,
       c = b->c;
     }
   size_t size = (size_t) n * c * h * w;
-  float *normed = m->kept ? buf_get (&m->head_norm, size) : NULL;
+  float *normed = m->kept != KEEP_NOTHING ? buf_get (&m->head_norm, size) : NULL;
   float *act = buf_get (&m->head_silu, size);
   norm_act_forward (&m->out_norm, x, n, h * w, NULL, normed, act,
                     buf_get (&m->head_stats, 2 * n * GROUPS));
@@ -1366,7 +1475,7 @@ classifier_head_forward (GdModel *m, const float *x, int n, int h, int w, float 
 {
   int c = m->final_channels, hw = h * w, classes = m->cfg.out_channels;
   size_t size = (size_t) n * c * hw;
-  float *normed = m->kept ? buf_get (&m->head_norm, size) : NULL;
+  float *normed = m->kept != KEEP_NOTHING ? buf_get (&m->head_norm, size) : NULL;
   float *act = buf_get (&m->head_silu, size);
   norm_act_forward (&m->out_norm, x, n, hw, NULL, normed, act,
                     buf_get (&m->head_stats, 2 * n * GROUPS));
@@ -1460,11 +1569,12 @@ classifier_head_backward (GdModel *m, const float *dlogits, int n, int h, int w)
 
 static gboolean
 model_forward (GdModel *m, const float *x, int n, int h, int w, const int64_t *t,
-               const int64_t *y, float *out, gboolean keep, GError **error)
+               const int64_t *y, float *out, Keep keep, GError **error)
 {
   if (!gd_model_check_input (m, n, m->cfg.in_channels, h, w, y, error))
     return FALSE;
   m->kept = keep;
+  m->out_turn = 0;   /* every pass takes the same turns: the buffers fit it after one */
   m->n = n;
   m->h = h;
   m->w = w;
@@ -1485,7 +1595,8 @@ gboolean
 gd_model_forward (GdModel *m, const float *x, int n, int h, int w,
                   const int64_t *t, const int64_t *y, float *out, GError **error)
 {
-  return model_forward (m, x, n, h, w, t, y, out, !m->inference || m->grads, error);
+  Keep keep = m->grads ? KEEP_ALL : m->inference ? KEEP_NOTHING : KEEP_INPUT_GRADIENT;
+  return model_forward (m, x, n, h, w, t, y, out, keep, error);
 }
 
 void
@@ -1497,13 +1608,43 @@ gd_model_set_inference (GdModel *m, gboolean inference)
   if (!inference)
     return;
   /* what earlier forward passes kept for a backward pass is not needed any more */
-  m->kept = FALSE;
+  m->kept = KEEP_NOTHING;
   GPtrArray *groups[] = { m->input_blocks, m->output_blocks };
   for (guint g = 0; g < G_N_ELEMENTS (groups); g++)
     for (guint b = 0; groups[g] && b < groups[g]->len; b++)
       block_release_saved (groups[g]->pdata[b]);
   if (m->middle)
     block_release_saved (m->middle);
+}
+
+static size_t
+block_buffer_bytes (const Block *b)
+{
+  size_t count = b->concat.capacity + b->dskip.capacity;
+  for (guint i = 0; i < b->layers->len; i++)
+    {
+      const Layer *l = b->layers->pdata[i];
+      count += l->out.capacity;
+      for (int k = 0; k < N_SAVED; k++)
+        count += l->saved[k].capacity;
+    }
+  return count * sizeof (float);
+}
+
+size_t
+gd_model_buffer_bytes (const GdModel *m)
+{
+  size_t bytes = 0;
+  const GPtrArray *groups[] = { m->input_blocks, m->output_blocks };
+  for (guint g = 0; g < G_N_ELEMENTS (groups); g++)
+    for (guint b = 0; b < groups[g]->len; b++)
+      bytes += block_buffer_bytes (groups[g]->pdata[b]);
+  if (m->middle)
+    bytes += block_buffer_bytes (m->middle);
+  Buf *bufs[MODEL_BUFS];
+  for (guint i = 0, count = model_bufs ((GdModel *) m, bufs); i < count; i++)
+    bytes += bufs[i]->capacity * sizeof (float);
+  return bytes;
 }
 
 gboolean
@@ -1579,13 +1720,15 @@ unet_backward (GdModel *m, const float *dout, float *demb)
 gboolean
 gd_model_backward (GdModel *m, const float *dout, float *dx)
 {
-  if (!m->kept)
+  if (m->kept == KEEP_NOTHING || (m->grads && m->kept != KEEP_ALL))
     {
       g_critical ("%s: a backward pass needs a forward pass that kept its activations "
-                  "(the model is in inference mode)", m->origin);
+                  "(the model is in inference mode), one that kept what parameter gradients read when "
+                  "they are enabled", m->origin);
       return FALSE;
     }
   int n = m->n;
+  m->dx_turn = 0;
   float *demb = m->grads ? buf_zero (&m->demb, (size_t) n * m->emb_dim) : NULL;
   const float *dy;
   if (m->cfg.kind == GD_MODEL_UNET)
@@ -1682,7 +1825,8 @@ gd_classifier_gradient (GdModel *m, const float *x, int n, int h, int w,
         return FALSE;
       }
   float *own_logits = logits ? logits : g_new (float, (size_t) n * classes);
-  gboolean ok = model_forward (m, x, n, h, w, t, NULL, own_logits, TRUE, error);
+  gboolean ok = model_forward (m, x, n, h, w, t, NULL, own_logits,
+                               m->grads ? KEEP_ALL : KEEP_INPUT_GRADIENT, error);
   if (ok)
     {
       /* d/dlogits of log_softmax(logits)[y] = onehot(y) - softmax(logits) */

@@ -109,6 +109,9 @@ gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
  * anyway.  Off by default. */
 void gd_model_set_inference (GdModel *model, gboolean inference);
 gboolean gd_model_get_inference (const GdModel *model);
+/* Bytes of the activation and scratch buffers the model holds (kept across calls and
+ * reused; weights and gradients not counted). */
+size_t gd_model_buffer_bytes (const GdModel *model);
 
 /* A classifier's features: the vector its last layer reads ([n, gd_classifier_feature_size]),
  * i.e. the pooled activations (adaptive pooling) or the attention-pooled first token.

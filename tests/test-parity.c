@@ -1,9 +1,11 @@
 /* Parity with the reference implementation: every fixture in unet/ and classifier/
  * reproduced within max |a - b| <= 1e-4 * max(1, max |ref|) for out, logits and grad. */
 #include "gd-model.h"
+#include "gd-recognize.h"
 #include "gd-safetensors.h"
 
 #include <glib.h>
+#include <json-glib/json-glib.h>
 #include <math.h>
 
 static const char *
@@ -100,6 +102,13 @@ test_fixture (gconstpointer data)
       g_assert_true (gd_classifier_gradient (model, x, n, h, w, t, y, logits, grad, &error));
       assert_close (fixture, "logits", logits, gd_safetensors_find (io, "logits"));
       assert_close (fixture, "grad", grad, gd_safetensors_find (io, "grad"));
+      /* that forward kept only what the input gradient reads and computed the rest again;
+       * with parameter gradients on it keeps everything: the same input gradient */
+      float *kept_all = g_new (float, (size_t) n * c * h * w);
+      gd_model_enable_grads (model);
+      g_assert_true (gd_classifier_gradient (model, x, n, h, w, t, y, NULL, kept_all, &error));
+      g_assert_cmpmem (grad, sizeof (float) * n * c * h * w, kept_all, sizeof (float) * n * c * h * w);
+      g_free (kept_all);
       g_free (logits);
       g_free (grad);
     }
@@ -110,6 +119,79 @@ test_fixture (gconstpointer data)
   gd_model_free (model);
   g_free (model_path);
   g_free (io_path);
+}
+
+/* A released 64x64 architecture with its width cut to `width` channels (same levels, blocks
+ * and attention; heads of head_channels), random weights. */
+static GdModel *
+narrow_release (const char *name, const char *width_flag, int width, int head_channels)
+{
+  const GdRelease *release = gd_release_find (name);
+  g_assert_nonnull (release);
+  char *flags = gd_release_flags_json (release);
+  JsonNode *node = json_from_string (flags, NULL);
+  JsonObject *object = json_node_get_object (node);
+  json_object_set_int_member (object, width_flag, width);
+  char *narrow = json_to_string (node, FALSE);
+  GdModelConfig cfg;
+  GError *error = NULL;
+  gboolean ok = gd_flags_to_config (narrow, release->kind, name, &cfg, NULL, &error);
+  g_assert_no_error (error);
+  g_assert_true (ok);
+  cfg.num_head_channels = head_channels;
+  GdModel *model = gd_model_new (&cfg, name, &error);
+  g_assert_no_error (error);
+  gd_model_init_random (model, 5);
+  g_free (narrow);
+  json_node_unref (node);
+  g_free (flags);
+  return model;
+}
+
+/* The memory plan: an inference pass keeps one layer's scratch, two turns of layer outputs
+ * and the U-Net's skips; a guidance gradient keeps only what the input gradient reads.
+ * Both far below a forward that keeps everything for training, and reused, not grown, by
+ * the next call. */
+static void
+test_buffers (void)
+{
+  const int n = 1, side = 64;
+  size_t count = (size_t) n * 3 * side * side;
+  float *x = g_new (float, count), *out = g_new (float, 2 * count), *grad = g_new (float, count);
+  for (size_t i = 0; i < count; i++)
+    x[i] = (float) sin (0.37 * (double) i);
+  int64_t t[] = { 300 }, y[] = { 7 };
+  GError *error = NULL;
+
+  size_t bytes[2][2];
+  for (int inference = 0; inference < 2; inference++)
+    {
+      GdModel *unet = narrow_release ("64x64_diffusion", "num_channels", 32, 32);
+      gd_model_set_inference (unet, inference);
+      g_assert_true (gd_model_forward (unet, x, n, side, side, t, y, out, &error));
+      bytes[0][inference] = gd_model_buffer_bytes (unet);
+      g_assert_true (gd_model_forward (unet, x, n, side, side, t, y, out, &error));
+      g_assert_cmpuint (gd_model_buffer_bytes (unet), ==, bytes[0][inference]);
+      gd_model_free (unet);
+
+      GdModel *classifier = narrow_release ("64x64_classifier", "classifier_width", 64, 64);
+      if (!inference)
+        gd_model_enable_grads (classifier);
+      g_assert_true (gd_classifier_gradient (classifier, x, n, side, side, t, y, NULL, grad, &error));
+      bytes[1][inference] = gd_model_buffer_bytes (classifier);
+      g_assert_true (gd_classifier_gradient (classifier, x, n, side, side, t, y, NULL, grad, &error));
+      g_assert_cmpuint (gd_model_buffer_bytes (classifier), ==, bytes[1][inference]);
+      gd_model_free (classifier);
+    }
+  g_test_message ("U-Net forward: %.1f MB kept for training, %.1f MB in inference; classifier "
+                  "gradient: %.1f MB with parameter gradients, %.1f MB without",
+                  bytes[0][0] / 1048576.0, bytes[0][1] / 1048576.0, bytes[1][0] / 1048576.0,
+                  bytes[1][1] / 1048576.0);
+  g_assert_cmpuint (bytes[0][1] * 4, <, bytes[0][0]);
+  g_assert_cmpuint (bytes[1][1] * 4, <, bytes[1][0] * 3);
+  g_free (x);
+  g_free (out);
+  g_free (grad);
 }
 
 int
@@ -126,5 +208,6 @@ main (int argc, char **argv)
       g_test_add_data_func (name, fixtures[i], test_fixture);
       g_free (name);
     }
+  g_test_add_func ("/model/buffers", test_buffers);
   return g_test_run ();
 }
