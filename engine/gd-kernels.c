@@ -1,4 +1,5 @@
 #include "gd-kernels.h"
+#include "gd-bf16.h"
 
 #include "gd-parallel.h"
 
@@ -64,14 +65,16 @@ conv_lanes (int n)
 
 /* Input channels per band: a convolution runs over its input channels in bands whose columns
  * (im2col rows) fit in CONV_BAND_BYTES, each band one product that adds to the output (the
- * product's depth is cut, so nothing is packed twice); at least one channel. */
+ * product's depth is cut, so nothing is packed twice).  A band is a multiple of 32 channels
+ * (so that it starts on a 32-column boundary of packed bf16 weights), or all of them. */
 #define CONV_BAND_BYTES ((size_t) 16 << 20)
 
 static int
 conv_band (int cin, int k, size_t spatial)
 {
   size_t per_channel = (size_t) k * k * spatial * sizeof (float);
-  return (int) CLAMP (CONV_BAND_BYTES / per_channel, 1, (size_t) cin);
+  size_t band = MAX (CONV_BAND_BYTES / per_channel / 32 * 32, 32);
+  return (int) MIN (band, (size_t) cin);
 }
 
 /* The work buffer of a convolution: one band of one image's columns per thread (no more
@@ -274,7 +277,7 @@ conv_is_pointwise (int k, int stride, int pad)
 static void
 conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int h, int w,
                 const float *weight, const float *bias, int cout, int k, int stride, int pad,
-                float *to, float *work)
+                float *to, float *work, const GdBf16Matrix *bf16)
 {
   int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
   int spatial = ho * wo, depth = cin * k * k, kk = k * k;
@@ -322,9 +325,13 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
             int cb = MIN (band, cin - c0);
             if (!pointwise)
               im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
-            gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
-                      weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
-                      c0 == 0 ? beta : 1.0f, yi, spatial);
+            if (bf16)
+              gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, spatial, pointwise ? xi : col, spatial,
+                                   c0 == 0 ? beta : 1.0f, yi, spatial);
+            else
+              gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
+                        weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
+                        c0 == 0 ? beta : 1.0f, yi, spatial);
           }
       }
   }
@@ -335,7 +342,15 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                    const float *weight, const float *bias, int cout,
                    int k, int stride, int pad, float *y, float *work)
 {
-  conv_per_image (FALSE, x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
+  conv_per_image (FALSE, x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work, NULL);
+}
+
+void
+gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
+                        const GdBf16Matrix *weight, const float *bias, int cout,
+                        int k, int stride, int pad, float *y, float *work)
+{
+  conv_per_image (FALSE, x, n, cin, h, w, NULL, bias, cout, k, stride, pad, y, work, weight);
 }
 
 void
@@ -347,7 +362,7 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   int spatial = ho * wo, depth = cin * k * k;
   if (dx && !dweight && !dbias)
     {
-      conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work);
+      conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work, NULL);
       return;
     }
   /* Parameter gradients: images in fixed chunks, each chunk summed by one thread into its

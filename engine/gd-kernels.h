@@ -13,6 +13,12 @@ size_t gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int s
 void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                         const float *weight, const float *bias, int cout,
                         int k, int stride, int pad, float *y, float *work);
+/* The same with the products in bfloat16 with float sums (gd-bf16.h): weight packed once by
+ * gd_bf16_matrix_new (FALSE, cout, cin k k, weight, cin k k). */
+typedef struct GdBf16Matrix GdBf16Matrix;
+void gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
+                             const GdBf16Matrix *weight, const float *bias, int cout,
+                             int k, int stride, int pad, float *y, float *work);
 void gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                          const float *weight, int cout, int k, int stride, int pad,
                          const float *dy, float *dx, float *dweight, float *dbias, float *work);

@@ -1,6 +1,7 @@
 /* The ADM U-Net and the encoder-half classifier of guided diffusion
  * (Dhariwal & Nichol 2021, section 3 and appendix), forward and backward. */
 #include "gd-model.h"
+#include "gd-bf16.h"
 #include "gd-checkpoint.h"
 #include "gd-error.h"
 #include "gd-kernels.h"
@@ -132,6 +133,8 @@ struct GdModel {
   int n, h, w;
   gboolean grads;             /* parameter gradients are being accumulated */
   gboolean inference;         /* gd_model_set_inference */
+  gboolean bf16;              /* gd_model_set_bf16 */
+  GHashTable *bf16_weights;   /* GdParam * (a conv weight) -> GdBf16Matrix *, made on first use */
   Keep kept;                  /* what the last forward kept for a backward pass */
   Buf shared[N_SAVED];        /* scratch that no backward pass reads, shared by all layers */
   Buf dxs[2];                 /* layer input gradients, taking turns (layer_dx) */
@@ -613,6 +616,8 @@ gd_model_free (GdModel *m)
   Buf *bufs[MODEL_BUFS];
   for (guint i = 0, count = model_bufs (m, bufs); i < count; i++)
     buf_clear (bufs[i]);
+  if (m->bf16_weights)
+    g_hash_table_unref (m->bf16_weights);
   gd_safetensors_free (m->file);
   if (m->metadata)
     g_hash_table_unref (m->metadata);
@@ -899,6 +904,20 @@ static void
 conv_forward (GdModel *m, const Conv *c, const float *x, int n, int h, int w, float *y)
 {
   float *work = buf_get (&m->work, gd_conv2d_work_size (c->cin, c->cout, n, h, w, c->k, c->stride, c->pad));
+  /* bf16 products only where no gradient follows */
+  if (m->bf16 && m->kept == KEEP_NOTHING)
+    {
+      GdBf16Matrix *packed = g_hash_table_lookup (m->bf16_weights, c->weight);
+      int depth = c->cin * c->k * c->k;
+      if (!packed)
+        {
+          packed = gd_bf16_matrix_new (FALSE, c->cout, depth, c->weight->data, depth);
+          g_hash_table_insert (m->bf16_weights, c->weight, packed);
+        }
+      gd_conv2d_forward_bf16 (x, n, c->cin, h, w, packed, c->bias->data, c->cout, c->k,
+                              c->stride, c->pad, y, work);
+      return;
+    }
   gd_conv2d_forward (x, n, c->cin, h, w, c->weight->data, c->bias->data, c->cout,
                      c->k, c->stride, c->pad, y, work);
 }
@@ -1045,12 +1064,14 @@ res_forward (GdModel *m, Layer *l, const float *x, const float *emb)
                      l->emb_lin.out, e);
 
   /* out_layers: GroupNorm with the embedding as scale-shift (or added before it), SiLU, conv */
-  float *g = buf_get (slot (m, l, S_G), out_size), *g3 = buf_get (slot (m, l, S_G3), out_size);
+  float *g3 = buf_get (slot (m, l, S_G3), out_size);
   float *stats2 = buf_get (slot (m, l, S_STATS2), 2 * n * GROUPS);
+  /* one pass when nothing reads the steps in between */
+  gboolean fused_scale_shift = m->kept == KEEP_NOTHING && l->scale_shift;
+  float *g = fused_scale_shift ? NULL : buf_get (slot (m, l, S_G), out_size);
   if (m->kept == KEEP_NOTHING)
     {
-      /* nothing reads the steps in between: one pass */
-      if (l->scale_shift)
+      if (fused_scale_shift)
         norm_act_forward (&l->out_norm, h1, n, hwo, e, NULL, g3, stats2);
       else
         {
@@ -1645,6 +1666,29 @@ gd_model_buffer_bytes (const GdModel *m)
   for (guint i = 0, count = model_bufs ((GdModel *) m, bufs); i < count; i++)
     bytes += bufs[i]->capacity * sizeof (float);
   return bytes;
+}
+
+gboolean
+gd_model_set_bf16 (GdModel *m, gboolean bf16, GError **error)
+{
+  if (bf16 && !gd_bf16_kernel ())
+    {
+      g_set_error (error, GD_ERROR, GD_ERROR_INPUT,
+                   "bf16 needs a processor with AMX-BF16 or AVX512-BF16, which this one lacks");
+      return FALSE;
+    }
+  m->bf16 = bf16;
+  /* made again from the weights as they are now at the next bf16 pass */
+  g_clear_pointer (&m->bf16_weights, g_hash_table_unref);
+  if (bf16)
+    m->bf16_weights = g_hash_table_new_full (NULL, NULL, NULL, (GDestroyNotify) gd_bf16_matrix_free);
+  return TRUE;
+}
+
+gboolean
+gd_model_get_bf16 (const GdModel *m)
+{
+  return m->bf16;
 }
 
 gboolean

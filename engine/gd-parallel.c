@@ -15,6 +15,12 @@ gd_sgemm_flops (void)
   return __atomic_load_n (&flops, __ATOMIC_RELAXED);
 }
 
+void
+gd_count_product (int m, int n, int k)
+{
+  __atomic_fetch_add (&flops, 2ull * (guint64) m * (guint64) n * (guint64) k, __ATOMIC_RELAXED);
+}
+
 static gpointer
 initialise (gpointer unused)
 {
@@ -77,7 +83,7 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
           float beta, float *c, int ldc)
 {
   gd_parallel_init ();
-  __atomic_fetch_add (&flops, 2ull * (guint64) m * (guint64) n * (guint64) k, __ATOMIC_RELAXED);
+  gd_count_product (m, n, k);
   int column_blocks = block_count (n), row_blocks = column_blocks > 1 ? 1 : block_count (m);
   if (omp_in_parallel () || (column_blocks == 1 && row_blocks == 1))
     {

@@ -19,8 +19,10 @@ void gd_parallel_prefer_sleeping_threads (char **argv);
 void gd_parallel_init (void);
 int gd_parallel_threads (void);
 
-/* Floating-point operations (2 m n k per product) of every gd_sgemm call so far. */
+/* Floating-point operations (2 m n k per product) of every matrix product so far. */
 guint64 gd_sgemm_flops (void);
+/* Adds an m x n x k product done outside gd_sgemm (the bf16 products) to that count. */
+void gd_count_product (int m, int n, int k);
 
 /* cblas_sgemm (row-major) computed as fixed blocks of rows or columns in parallel. */
 void gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,

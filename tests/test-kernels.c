@@ -8,6 +8,7 @@
 #include <glib.h>
 #include <math.h>
 #include <string.h>
+#include "gd-bf16.h"
 #include "gd-blas.h"
 
 static gboolean openblas_core_was_ours;
@@ -498,6 +499,99 @@ test_blas_core (void)
   g_assert_cmpfloat (c[3], ==, 51.0f);
 }
 
+/* The bf16 product against a double-precision product of the same bf16-rounded operands:
+ * only the float accumulation may differ.  Odd shapes cover every padded edge; both
+ * layouts of a, both betas.  GD_BF16_KERNEL=avx512 runs the AVX512-BF16 kernel instead of
+ * AMX (meson runs this test both ways). */
+static void
+test_gemm_bf16 (void)
+{
+  const char *kernel = gd_bf16_kernel ();
+  if (!kernel)
+    {
+      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
+      g_test_skip ("this processor has neither AMX-BF16 nor AVX512-BF16");
+      return;
+    }
+  g_test_message ("bf16 kernel: %s", kernel);
+  static const int shapes[][3] = { { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 },
+                                   { 64, 256, 64 }, { 70, 530, 97 }, { 3, 1000, 200 } };
+  for (guint s = 0; s < G_N_ELEMENTS (shapes); s++)
+    for (int trans = 0; trans < 2; trans++)
+      for (int accumulate = 0; accumulate < 2; accumulate++)
+        {
+          int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+          int lda = (trans ? m : k) + 3, ldb = n + 5, ldc = n + 2;
+          float *a = random_buffer ((size_t) (trans ? k : m) * lda, 1.0f);
+          float *b = random_buffer ((size_t) k * ldb, 1.0f);
+          float *c = random_buffer ((size_t) m * ldc, 1.0f);
+          float *before = g_memdup2 (c, sizeof (float) * m * ldc);
+          gd_gemm_bf16 (trans, m, n, k, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
+          double worst = 0.0;
+          for (int i = 0; i < m; i++)
+            for (int j = 0; j < ldc; j++)
+              {
+                float got = c[(size_t) i * ldc + j];
+                if (j >= n)
+                  {
+                    /* outside the product: untouched */
+                    g_assert_cmpfloat (got, ==, before[(size_t) i * ldc + j]);
+                    continue;
+                  }
+                double sum = accumulate ? before[(size_t) i * ldc + j] : 0.0, size = fabs (sum);
+                for (int q = 0; q < k; q++)
+                  {
+                    double av = gd_bf16_round (trans ? a[(size_t) q * lda + i] : a[(size_t) i * lda + q]);
+                    double term = av * gd_bf16_round (b[(size_t) q * ldb + j]);
+                    sum += term;
+                    size += fabs (term);
+                  }
+                worst = MAX (worst, fabs (got - sum) / MAX (size, 1e-30));
+              }
+          /* float accumulation of k terms: a few units of float rounding of their sizes */
+          if (worst > 1e-6 * (1 + k / 16.0))
+            g_error ("bf16 product %dx%dx%d (trans %d, beta %d): error %.3g of the terms' size",
+                     m, n, k, trans, accumulate, worst);
+          g_free (a);
+          g_free (b);
+          g_free (c);
+          g_free (before);
+        }
+  /* a band of a packed matrix's columns (as the convolutions' channel bands use it) */
+  {
+    int m = 40, k = 100, k0 = 64, kb = 30, n = 70;
+    float *a = random_buffer ((size_t) m * k, 1.0f), *b = random_buffer ((size_t) kb * n, 1.0f);
+    float *c = g_new (float, (size_t) m * n);
+    GdBf16Matrix *packed = gd_bf16_matrix_new (FALSE, m, k, a, k);
+    gd_gemm_bf16_packed (packed, k0, kb, n, b, n, 0.0f, c, n);
+    double worst = 0.0;
+    for (int i = 0; i < m; i++)
+      for (int j = 0; j < n; j++)
+        {
+          double sum = 0.0, size = 0.0;
+          for (int q = 0; q < kb; q++)
+            {
+              double term = (double) gd_bf16_round (a[(size_t) i * k + k0 + q])
+                            * gd_bf16_round (b[(size_t) q * n + j]);
+              sum += term;
+              size += fabs (term);
+            }
+          worst = MAX (worst, fabs (c[(size_t) i * n + j] - sum) / size);
+        }
+    g_assert_cmpfloat (worst, <=, 1e-6 * (1 + kb / 16.0));
+    gd_bf16_matrix_free (packed);
+    g_free (a);
+    g_free (b);
+    g_free (c);
+  }
+  /* rounding: ties to even, and the values that do not move */
+  g_assert_cmpfloat (gd_bf16_round (1.0f), ==, 1.0f);
+  g_assert_cmpfloat (gd_bf16_round (1.0f + 1.0f / 256), ==, 1.0f);             /* tie, to even */
+  g_assert_cmpfloat (gd_bf16_round (1.0f + 3.0f / 256), ==, 1.0f + 4.0f / 256); /* tie, to even */
+  g_assert_cmpfloat (gd_bf16_round (1.0f + 1.5f / 256), ==, 1.0f + 2.0f / 256);
+  g_assert_true (isnan (gd_bf16_round (NAN)));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -505,6 +599,7 @@ main (int argc, char **argv)
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/kernels/blas-core", test_blas_core);
   g_test_add_func ("/kernels/exp", test_exp);
+  g_test_add_func ("/kernels/gemm-bf16", test_gemm_bf16);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);

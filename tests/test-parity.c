@@ -50,6 +50,45 @@ assert_close (const char *fixture, const char *name, const float *got, const GdS
     g_error ("%s %s: max |a - b| = %g exceeds %g", fixture, name, max_err, bound);
 }
 
+/* The bf16 path on a model in inference mode: close to float (bfloat16 keeps 8 bits of
+ * mantissa: about 0.4% per rounding), not equal to it (the products did run in bf16), and
+ * the same on every run. */
+static void
+check_bf16 (const char *fixture, GdModel *model, const float *x, int n, int h, int w,
+            const int64_t *t, const int64_t *y, const float *exact)
+{
+  GError *error = NULL;
+  if (!gd_model_set_bf16 (model, TRUE, &error))
+    {
+      g_printerr ("SKIP (bf16 part of %s): %s\n", fixture, error->message);
+      g_test_message ("bf16 part skipped: %s", error->message);
+      g_clear_error (&error);
+      return;
+    }
+  size_t count = (size_t) n * gd_model_get_config (model)->out_channels * h * w;
+  float *first = g_new (float, count), *second = g_new (float, count);
+  g_assert_true (gd_model_forward (model, x, n, h, w, t, y, first, &error));
+  g_assert_true (gd_model_forward (model, x, n, h, w, t, y, second, &error));
+  g_assert_cmpmem (first, sizeof (float) * count, second, sizeof (float) * count);
+  double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0;
+  for (size_t i = 0; i < count; i++)
+    {
+      double d = fabs ((double) first[i] - exact[i]);
+      worst = MAX (worst, d);
+      largest = MAX (largest, fabs (exact[i]));
+      diff2 += d * d;
+      ref2 += (double) exact[i] * exact[i];
+    }
+  g_test_message ("%s in bf16: largest difference %.2e of the largest output, rms %.2e",
+                  fixture, worst / largest, sqrt (diff2 / ref2));
+  g_assert_cmpfloat (worst, >, 0.0);
+  g_assert_cmpfloat (worst, <=, 3e-2 * largest);
+  g_assert_cmpfloat (sqrt (diff2 / ref2), <=, 1e-2);
+  g_assert_true (gd_model_set_bf16 (model, FALSE, &error));
+  g_free (first);
+  g_free (second);
+}
+
 static void
 test_fixture (gconstpointer data)
 {
@@ -89,6 +128,7 @@ test_fixture (gconstpointer data)
       g_assert_cmpmem (out, sizeof (float) * n * cfg->out_channels * h * w,
                        again, sizeof (float) * n * cfg->out_channels * h * w);
       g_free (again);
+      check_bf16 (fixture, model, x, n, h, w, t, y, out);
       /* and a backward pass after it is refused, not run on missing activations */
       g_test_expect_message ("guided", G_LOG_LEVEL_CRITICAL, "*inference mode*");
       g_assert_false (gd_model_backward (model, out, NULL));

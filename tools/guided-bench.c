@@ -1,6 +1,7 @@
 /* guided bench: speed of the engine on the released 64x64 architectures (random weights,
  * no files needed), against the machine's own measured sgemm peak. */
 #include "guided.h"
+#include "gd-bf16.h"
 #include "gd-blas.h"
 #include "gd-diffusion.h"
 #include "gd-error.h"
@@ -11,6 +12,7 @@
 #include "gd-safetensors.h"
 
 #include <glib/gstdio.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +119,10 @@ typedef struct {
   int64_t *t, *y;
 } Step;
 
+/* the bf16 forward's output against float's: largest difference over the largest output,
+ * and root mean square of the differences over that of the outputs */
+static double bf16_error_worst, bf16_error_rms;
+
 static gboolean
 run_unet (gpointer data, GError **error)
 {
@@ -210,13 +216,62 @@ report (const char *what, double seconds, double gflop, double share)
   fflush (stdout);
 }
 
+/* The U-Net forward and the guided step with the U-Net's products in bf16, and how far its
+ * output moves from float's. */
+static gboolean
+bench_bf16 (Step *s, int runs, GError **error)
+{
+  const GdModelConfig *mc = gd_model_get_config (s->unet);
+  size_t count = (size_t) s->n * mc->out_channels * s->size * s->size;
+  if (!run_unet (s, error))
+    return FALSE;
+  float *exact = g_memdup2 (s->out, sizeof (float) * count);
+  if (!gd_model_set_bf16 (s->unet, TRUE, error))
+    {
+      g_free (exact);
+      return FALSE;
+    }
+  double seconds, gflop, share;
+  char what[128];
+  gboolean ok = run_unet (s, error);
+  if (ok)
+    {
+      double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0;
+      for (size_t i = 0; i < count; i++)
+        {
+          double d = fabs ((double) s->out[i] - exact[i]);
+          worst = MAX (worst, d);
+          largest = MAX (largest, fabs (exact[i]));
+          diff2 += d * d;
+          ref2 += (double) exact[i] * exact[i];
+        }
+      g_snprintf (what, sizeof what, "64x64 U-Net forward, batch %d, bf16 (%s)", s->n, gd_bf16_kernel ());
+      ok = measure (run_unet, s, runs, &seconds, &gflop, &share, error);
+      if (ok)
+        report (what, seconds, gflop, share);
+      bf16_error_worst = worst / largest;
+      bf16_error_rms = sqrt (diff2 / ref2);
+    }
+  if (ok)
+    {
+      g_snprintf (what, sizeof what, "64x64 guided DDIM step, batch %d, U-Net in bf16", s->n);
+      ok = measure (run_step, s, runs, &seconds, &gflop, &share, error);
+      if (ok)
+        report (what, seconds, gflop, share);
+    }
+  gd_model_set_bf16 (s->unet, FALSE, NULL);
+  g_free (exact);
+  return ok;
+}
+
 static int
 bench (int runs, gboolean big, GError **error)
 {
   int status = 1;
   Step s = { 0 };
   double rss_batch1 = 0.0, rss_weights = 0.0;
-  printf ("threads: %d; OpenBLAS kernels: %s\n\n", gd_parallel_threads (), gd_blas_core ());
+  printf ("threads: %d; OpenBLAS kernels: %s; bf16 kernel: %s\n\n", gd_parallel_threads (),
+          gd_blas_core (), gd_bf16_kernel () ? gd_bf16_kernel () : "none");
   double peak = gemm_gflops (2048, 2048, 2048, runs);
   double conv_shaped = gemm_gflops (192, 4096, 1728, runs);
   printf ("sgemm peak (2048^3): %.1f GFLOPS; conv-shaped (192 x 4096 x 1728): %.1f GFLOPS\n\n",
@@ -259,16 +314,19 @@ bench (int runs, gboolean big, GError **error)
       if (!measure (run_step, &s, runs, &seconds, &gflop, &share, error))
         goto out;
       report (what, seconds, gflop, share);
-      step_clear (&s);
       if (batches[b] == 1)
         {
+          /* the float path's memory, before the bf16 runs add their packed weights */
           struct rusage usage;
           getrusage (RUSAGE_SELF, &usage);
           double weights = 4.0 * (gd_model_parameter_count (s.unet)
                                   + gd_model_parameter_count (s.classifier)) / (1 << 20);
           rss_batch1 = usage.ru_maxrss / 1024.0;
           rss_weights = weights;
+          if (gd_bf16_kernel () && !bench_bf16 (&s, runs, error))
+            goto out;
         }
+      step_clear (&s);
     }
 
   /* load time of the 64x64 model from a file */
@@ -325,9 +383,15 @@ bench (int runs, gboolean big, GError **error)
       if (!ok)
         goto out;
     }
+  if (gd_bf16_kernel ())
+    printf ("\nbf16 U-Net output against float's (batch 1): largest difference %.2e of the "
+            "largest output, root mean square %.2e of the outputs'\n", bf16_error_worst,
+            bf16_error_rms);
+  else
+    printf ("\nbf16: this processor has neither AMX-BF16 nor AVX512-BF16\n");
   struct rusage usage;
   getrusage (RUSAGE_SELF, &usage);
-  printf ("\npeak RSS: %.0f MB; after the batch-1 runs: %.0f MB, of which the weights of the "
+  printf ("\npeak RSS: %.0f MB; after the float batch-1 runs: %.0f MB, of which the weights of the "
           "two 64x64 models are %.0f MB (+%.0f MB)\n", usage.ru_maxrss / 1024.0, rss_batch1,
           rss_weights, rss_batch1 - rss_weights);
   status = 0;

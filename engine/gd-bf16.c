@@ -1,0 +1,353 @@
+/* bfloat16 matrix products with float accumulation: AMX tiles or AVX512-BF16.
+ *
+ * Both kernels read the same packed operands:
+ *   a: [mp][kp] bfloat16, row-major (mp, kp: m and k rounded up to 32, zero-filled);
+ *   b: a block of BLOCK_N columns as [kp / 2][np][2] bfloat16: each row holds, for every
+ *      column, the pair (b[2r, col], b[2r + 1, col]) that one float lane sums;
+ * and produce 32 x 32 blocks of c, each element summed over k in the same order whatever
+ * the number of threads (a block of c belongs to one thread). */
+#include "gd-bf16.h"
+#include "gd-parallel.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define BLOCK 32           /* rows and columns of c one kernel call makes */
+#define BLOCK_N 256        /* columns of b packed at a time by a thread */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef enum { KERNEL_UNKNOWN, KERNEL_AMX, KERNEL_AVX512, KERNEL_NONE } Kernel;
+
+static Kernel
+detect (void)
+{
+  unsigned int eax, ebx, ecx, edx;
+  __builtin_cpu_init ();
+  if (!__builtin_cpu_supports ("avx512f") || !__builtin_cpu_supports ("avx512bw")
+      || !__get_cpuid_count (7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5)))
+    return KERNEL_NONE;   /* no AVX512-BF16: nothing to pack with */
+  const char *forced = g_getenv ("GD_BF16_KERNEL");
+  if (forced && g_ascii_strcasecmp (forced, "avx512") == 0)
+    return KERNEL_AVX512;
+  /* AMX-BF16 and AMX-TILE (CPUID 7.0 EDX bits 22 and 24), tile state enabled by the
+   * kernel (XCR0 bits 17 and 18), and the tile data permission granted to the process */
+  if (__get_cpuid_count (7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 22))
+      && (edx & (1u << 24)) && __get_cpuid_count (1, 0, &eax, &ebx, &ecx, &edx)
+      && (ecx & (1u << 27)))
+    {
+      unsigned int lo, hi;
+      __asm__ volatile ("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+      if ((lo & (3u << 17)) == (3u << 17)
+          && syscall (SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
+        return KERNEL_AMX;
+    }
+  return KERNEL_AVX512;
+}
+
+static Kernel
+kernel (void)
+{
+  static gsize once;
+  static Kernel chosen;
+  if (g_once_init_enter (&once))
+    {
+      chosen = detect ();
+      g_once_init_leave (&once, 1);
+    }
+  return chosen;
+}
+
+const char *
+gd_bf16_kernel (void)
+{
+  switch (kernel ())
+    {
+    case KERNEL_AMX: return "AMX-BF16";
+    case KERNEL_AVX512: return "AVX512-BF16";
+    default: return NULL;
+    }
+}
+
+static uint16_t
+to_bf16 (float x)
+{
+  uint32_t u;
+  memcpy (&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return (uint16_t) ((u >> 16) | 0x40);   /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t) (u >> 16);
+}
+
+float
+gd_bf16_round (float x)
+{
+  uint32_t u = (uint32_t) to_bf16 (x) << 16;
+  float y;
+  memcpy (&y, &u, sizeof y);
+  return y;
+}
+
+static int
+round_up (int x, int to)
+{
+  return (x + to - 1) / to * to;
+}
+
+/* op(a) as [mp][kp] bfloat16, zero-filled */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+pack_a (gboolean trans, int m, int k, const float *a, int lda, int mp, int kp, uint16_t *ap)
+{
+  memset (ap, 0, sizeof (uint16_t) * mp * kp);
+  for (int i = 0; i < m; i++)
+    {
+      uint16_t *row = ap + (size_t) i * kp;
+      if (trans)
+        for (int j = 0; j < k; j++)
+          row[j] = to_bf16 (a[(size_t) j * lda + i]);
+      else
+        for (int j = 0; j < k; j += 16)
+          {
+            __mmask16 mask = (__mmask16) (k - j >= 16 ? 0xffff : (1u << (k - j)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps (mask, a + (size_t) i * lda + j);
+            __m256bh h = _mm512_cvtneps_pbh (v);
+            _mm256_mask_storeu_epi16 (row + j, mask, (__m256i) h);
+          }
+    }
+}
+
+/* columns [n0, n0 + nb) of b as [kp / 2][np][2] bfloat16, zero-filled */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+pack_b (int k, const float *b, int ldb, int n0, int nb, int kp, int np, uint16_t *bp)
+{
+  /* word 2j of the result: the first row's column j; word 2j + 1: the second row's */
+  static const uint16_t interleave[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                           7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                           29, 14, 30, 15, 31 };
+  __m512i index = _mm512_loadu_si512 (interleave);
+  for (int r = 0; r < kp / 2; r++)
+    {
+      const float *row0 = 2 * r < k ? b + (size_t) (2 * r) * ldb + n0 : NULL;
+      const float *row1 = 2 * r + 1 < k ? b + (size_t) (2 * r + 1) * ldb + n0 : NULL;
+      uint16_t *dst = bp + (size_t) r * np * 2;
+      for (int j = 0; j < np; j += 16)
+        {
+          int valid = CLAMP (nb - j, 0, 16);
+          __mmask16 mask = (__mmask16) (valid == 16 ? 0xffff : (1u << valid) - 1);
+          __m512 lo = row0 ? _mm512_maskz_loadu_ps (mask, row0 + j) : _mm512_setzero_ps ();
+          __m512 hi = row1 ? _mm512_maskz_loadu_ps (mask, row1 + j) : _mm512_setzero_ps ();
+          /* low half: lo's 16 values, high half: hi's */
+          __m512i both = (__m512i) _mm512_cvtne2ps_pbh (hi, lo);
+          _mm512_storeu_si512 (dst + 2 * j, _mm512_permutexvar_epi16 (index, both));
+        }
+    }
+}
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+/* eight tiles of 16 rows x 64 bytes: 0-3 c, 4-5 a, 6-7 b */
+__attribute__ ((target ("amx-tile"))) static void
+amx_configure (void)
+{
+  TileConfig config;
+  memset (&config, 0, sizeof config);
+  config.palette = 1;
+  for (int t = 0; t < 8; t++)
+    {
+      config.rows[t] = 16;
+      config.colsb[t] = 64;
+    }
+  /* not _tile_loadconfig: GCC 12's tells the compiler that it reads only a pointer's
+   * worth of the configuration, and the stores above it are then dropped */
+  __asm__ volatile ("ldtilecfg %0" : : "m" (config));
+}
+
+__attribute__ ((target ("amx-tile"))) static void
+amx_release (void)
+{
+  _tile_release ();
+}
+
+/* c (32 x 32 floats, row stride ldc) = beta c + a b over kp */
+__attribute__ ((target ("amx-tile,amx-bf16"))) static void
+amx_block (const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, float *c, int ldc,
+           gboolean accumulate)
+{
+  size_t stride = sizeof (float) * ldc;
+  if (accumulate)
+    {
+      _tile_loadd (0, c, stride);
+      _tile_loadd (1, c + 16, stride);
+      _tile_loadd (2, c + (size_t) 16 * ldc, stride);
+      _tile_loadd (3, c + (size_t) 16 * ldc + 16, stride);
+    }
+  else
+    {
+      _tile_zero (0);
+      _tile_zero (1);
+      _tile_zero (2);
+      _tile_zero (3);
+    }
+  size_t a_stride = sizeof (uint16_t) * lda, b_stride = sizeof (uint16_t) * 2 * np;
+  for (int k0 = 0; k0 < kp; k0 += 32)
+    {
+      const uint16_t *b0 = bp + (size_t) (k0 / 2) * np * 2;
+      _tile_loadd (4, ap + k0, a_stride);
+      _tile_loadd (5, ap + (size_t) 16 * lda + k0, a_stride);
+      _tile_loadd (6, b0, b_stride);
+      _tile_loadd (7, b0 + 32, b_stride);
+      _tile_dpbf16ps (0, 4, 6);
+      _tile_dpbf16ps (1, 4, 7);
+      _tile_dpbf16ps (2, 5, 6);
+      _tile_dpbf16ps (3, 5, 7);
+    }
+  _tile_stored (0, c, stride);
+  _tile_stored (1, c + 16, stride);
+  _tile_stored (2, c + (size_t) 16 * ldc, stride);
+  _tile_stored (3, c + (size_t) 16 * ldc + 16, stride);
+}
+
+/* the same with VDPBF16PS, eight rows at a time (16 accumulators of 16 floats) */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+avx512_block (const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, float *c, int ldc,
+              gboolean accumulate)
+{
+  for (int m0 = 0; m0 < BLOCK; m0 += 8)
+    {
+      __m512 acc[8][2];
+      for (int i = 0; i < 8; i++)
+        for (int h = 0; h < 2; h++)
+          acc[i][h] = accumulate ? _mm512_loadu_ps (c + (size_t) (m0 + i) * ldc + 16 * h)
+                                 : _mm512_setzero_ps ();
+      for (int r = 0; r < kp / 2; r++)
+        {
+          const uint16_t *brow = bp + (size_t) r * np * 2;
+          __m512bh b0 = (__m512bh) _mm512_loadu_si512 (brow);
+          __m512bh b1 = (__m512bh) _mm512_loadu_si512 (brow + 32);
+          for (int i = 0; i < 8; i++)
+            {
+              int32_t pair;
+              memcpy (&pair, ap + (size_t) (m0 + i) * lda + 2 * r, sizeof pair);
+              __m512bh a = (__m512bh) _mm512_set1_epi32 (pair);
+              acc[i][0] = _mm512_dpbf16_ps (acc[i][0], a, b0);
+              acc[i][1] = _mm512_dpbf16_ps (acc[i][1], a, b1);
+            }
+        }
+      for (int i = 0; i < 8; i++)
+        for (int h = 0; h < 2; h++)
+          _mm512_storeu_ps (c + (size_t) (m0 + i) * ldc + 16 * h, acc[i][h]);
+    }
+}
+
+/* One 32 x 32 block of c at (i0, j0), of which rows x cols lie inside c: computed in place
+ * when whole, else through a scratch block. */
+static void
+block (Kernel kind, const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, float *c,
+       int ldc, int rows, int cols, gboolean accumulate)
+{
+  void (*run) (const uint16_t *, int, int, const uint16_t *, int, float *, int, gboolean)
+    = kind == KERNEL_AMX ? amx_block : avx512_block;
+  if (rows == BLOCK && cols == BLOCK)
+    {
+      run (ap, lda, kp, bp, np, c, ldc, accumulate);
+      return;
+    }
+  float scratch[BLOCK * BLOCK] __attribute__ ((aligned (64)));
+  memset (scratch, 0, sizeof scratch);
+  if (accumulate)
+    for (int i = 0; i < rows; i++)
+      memcpy (scratch + i * BLOCK, c + (size_t) i * ldc, sizeof (float) * cols);
+  run (ap, lda, kp, bp, np, scratch, BLOCK, accumulate);
+  for (int i = 0; i < rows; i++)
+    memcpy (c + (size_t) i * ldc, scratch + i * BLOCK, sizeof (float) * cols);
+}
+
+struct GdBf16Matrix {
+  int m, k, mp, kp;
+  uint16_t *data;     /* [mp][kp] */
+};
+
+GdBf16Matrix *
+gd_bf16_matrix_new (gboolean trans, int m, int k, const float *a, int lda)
+{
+  g_return_val_if_fail (gd_bf16_kernel () != NULL, NULL);
+  GdBf16Matrix *p = g_new (GdBf16Matrix, 1);
+  p->m = m;
+  p->k = k;
+  p->mp = round_up (MAX (m, 1), BLOCK);
+  p->kp = round_up (MAX (k, 1), BLOCK);
+  p->data = g_aligned_alloc (sizeof (uint16_t), (size_t) p->mp * p->kp, 64);
+  pack_a (trans, m, k, a, lda, p->mp, p->kp, p->data);
+  return p;
+}
+
+void
+gd_bf16_matrix_free (GdBf16Matrix *p)
+{
+  if (!p)
+    return;
+  g_aligned_free (p->data);
+  g_free (p);
+}
+
+size_t
+gd_bf16_matrix_bytes (const GdBf16Matrix *p)
+{
+  return p ? sizeof (uint16_t) * p->mp * p->kp : 0;
+}
+
+void
+gd_gemm_bf16_packed (const GdBf16Matrix *a, int k0, int k, int n, const float *b, int ldb,
+                     float beta, float *c, int ldc)
+{
+  Kernel kind = kernel ();
+  g_return_if_fail (kind == KERNEL_AMX || kind == KERNEL_AVX512);
+  g_return_if_fail (beta == 0.0f || beta == 1.0f);
+  g_return_if_fail (k0 % BLOCK == 0 && k0 >= 0 && k0 + k <= a->k);
+  int m = a->m;
+  if (m <= 0 || n <= 0)
+    return;
+  gd_count_product (m, n, k);
+  /* columns of a past k0 + k are zero only past a->k: b's rows past k are packed as zeros */
+  int kp = round_up (MAX (k, 1), BLOCK);
+  int blocks = (n + BLOCK_N - 1) / BLOCK_N;
+  gboolean accumulate = beta != 0.0f;
+  int threads = omp_in_parallel () ? 1 : MIN (blocks, gd_parallel_threads ());
+#pragma omp parallel num_threads (threads)
+  {
+    uint16_t *bp = g_aligned_alloc (sizeof (uint16_t), (size_t) kp * BLOCK_N, 64);
+    if (kind == KERNEL_AMX)
+      amx_configure ();
+#pragma omp for schedule (static)
+    for (int blk = 0; blk < blocks; blk++)
+      {
+        int n0 = blk * BLOCK_N, nb = MIN (BLOCK_N, n - n0), np = round_up (nb, BLOCK);
+        pack_b (k, b, ldb, n0, nb, kp, np, bp);
+        for (int i0 = 0; i0 < m; i0 += BLOCK)
+          for (int j0 = 0; j0 < nb; j0 += BLOCK)
+            block (kind, a->data + (size_t) i0 * a->kp + k0, a->kp, kp, bp + 2 * j0, np,
+                   c + (size_t) i0 * ldc + n0 + j0, ldc, MIN (BLOCK, m - i0),
+                   MIN (BLOCK, nb - j0), accumulate);
+      }
+    if (kind == KERNEL_AMX)
+      amx_release ();
+    g_aligned_free (bp);
+  }
+}
+
+void
+gd_gemm_bf16 (gboolean trans_a, int m, int n, int k, const float *a, int lda,
+              const float *b, int ldb, float beta, float *c, int ldc)
+{
+  if (m <= 0 || n <= 0)
+    return;
+  GdBf16Matrix *packed = gd_bf16_matrix_new (trans_a, m, k, a, lda);
+  gd_gemm_bf16_packed (packed, 0, k, n, b, ldb, beta, c, ldc);
+  gd_bf16_matrix_free (packed);
+}
