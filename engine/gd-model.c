@@ -1677,6 +1677,8 @@ gd_model_set_bf16 (GdModel *m, gboolean bf16, GError **error)
                    "bf16 needs a processor with AMX-BF16 or AVX512-BF16, which this one lacks");
       return FALSE;
     }
+  if (m->bf16 == bf16)
+    return TRUE;
   m->bf16 = bf16;
   /* made again from the weights as they are now at the next bf16 pass */
   g_clear_pointer (&m->bf16_weights, g_hash_table_unref);

@@ -113,8 +113,9 @@ gboolean gd_model_get_inference (const GdModel *model);
  * convolution products in bfloat16 with float sums (gd-bf16.h).  Faster where the processor
  * has AMX; results differ from float by bfloat16's rounding of weights and activations
  * (docs/performance.md gives the measured error).  The weights are rounded and packed at the
- * first bf16 pass (half the size of the float weights, kept); call again after changing
- * them.  FALSE, with an error, on a processor without a bf16 product. */
+ * first bf16 pass (half the size of the float weights, kept until bf16 is turned off;
+ * turn it off and on after changing the weights).  FALSE, with an error, on a processor
+ * without a bf16 product. */
 gboolean gd_model_set_bf16 (GdModel *model, gboolean bf16, GError **error);
 gboolean gd_model_get_bf16 (const GdModel *model);
 

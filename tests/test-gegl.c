@@ -13,6 +13,7 @@
 
 #include "gd-error.h"
 #include "gd-metadata.h"
+#include "gd-bf16.h"
 #include "gd-model-cache.h"
 #include "gd-safetensors.h"
 #include "gd-sampler.h"
@@ -449,6 +450,37 @@ test_gradient_arithmetic (void)
   g_free (masked);
 }
 
+/* The bf16 property of gd:noise-predict: its eps close to the float one (bfloat16 keeps 8
+ * bits of mantissa), not equal (the products did run in bf16); on a processor without a
+ * bf16 product the node fails with the reason, tested loudly as a skip. */
+static void
+test_bf16 (void)
+{
+  if (!have_reference ())
+    return;
+  if (!gd_bf16_kernel ())
+    {
+      g_printerr ("SKIP (bf16 property): this processor has neither AMX-BF16 nor AVX512-BF16\n");
+      g_test_skip ("this processor has no bf16 product");
+      return;
+    }
+  char *exact = g_strdup_printf ("gd:noise seed=8 model=%s gd:noise-predict model=%s steps=10 step=4",
+                                 unet28, unet28);
+  char *rounded = g_strdup_printf ("%s bf16=true", exact);
+  Image a = run_chain (exact, NULL, "Y float"), b = run_chain (rounded, NULL, "Y float");
+  double largest = 0.0;
+  for (int i = 0; i < 28 * 28; i++)
+    largest = MAX (largest, fabs (a.data[i]));
+  double worst = max_difference (&a, &b);
+  g_test_message ("gd:noise-predict bf16=true: largest difference %.2e of the largest eps", worst / largest);
+  g_assert_cmpfloat (worst, >, 0.0);
+  g_assert_cmpfloat (worst, <=, 3e-2 * largest);
+  image_clear (&a);
+  image_clear (&b);
+  g_free (exact);
+  g_free (rounded);
+}
+
 /* ---- gd:sample with an image ---- */
 
 static void
@@ -873,6 +905,7 @@ main (int argc, char **argv)
     }
   g_test_add_func ("/gegl/fixture/ddim_guided", test_fixture_ddim_guided);
   g_test_add_func ("/gegl/gradient-arithmetic", test_gradient_arithmetic);
+  g_test_add_func ("/gegl/bf16", test_bf16);
   g_test_add_func ("/gegl/variation-and-inpainting", test_variation_and_inpainting);
   g_test_add_func ("/gegl/progress", test_progress);
   g_test_add_func ("/gegl/model-cache", test_model_cache);
