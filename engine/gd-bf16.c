@@ -19,6 +19,7 @@
 
 #define BLOCK 32           /* rows and columns of c one kernel call makes */
 #define BLOCK_N 256        /* columns of b packed at a time by a thread */
+#define KC 512             /* depth of one pass over a block of c */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -220,8 +221,11 @@ avx512_block (const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, f
 {
   for (int m0 = 0; m0 < BLOCK; m0 += 8)
     {
+      /* fully unrolled, so that the accumulators stay in registers */
       __m512 acc[8][2];
+#pragma GCC unroll 8
       for (int i = 0; i < 8; i++)
+#pragma GCC unroll 2
         for (int h = 0; h < 2; h++)
           acc[i][h] = accumulate ? _mm512_loadu_ps (c + (size_t) (m0 + i) * ldc + 16 * h)
                                  : _mm512_setzero_ps ();
@@ -230,6 +234,7 @@ avx512_block (const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, f
           const uint16_t *brow = bp + (size_t) r * np * 2;
           __m512bh b0 = (__m512bh) _mm512_loadu_si512 (brow);
           __m512bh b1 = (__m512bh) _mm512_loadu_si512 (brow + 32);
+#pragma GCC unroll 8
           for (int i = 0; i < 8; i++)
             {
               int32_t pair;
@@ -239,7 +244,9 @@ avx512_block (const uint16_t *ap, int lda, int kp, const uint16_t *bp, int np, f
               acc[i][1] = _mm512_dpbf16_ps (acc[i][1], a, b1);
             }
         }
+#pragma GCC unroll 8
       for (int i = 0; i < 8; i++)
+#pragma GCC unroll 2
         for (int h = 0; h < 2; h++)
           _mm512_storeu_ps (c + (size_t) (m0 + i) * ldc + 16 * h, acc[i][h]);
     }
@@ -329,11 +336,14 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int k0, int k, int n, const float *b
       {
         int n0 = blk * BLOCK_N, nb = MIN (BLOCK_N, n - n0), np = round_up (nb, BLOCK);
         pack_b (k, b, ldb, n0, nb, kp, np, bp);
-        for (int i0 = 0; i0 < m; i0 += BLOCK)
-          for (int j0 = 0; j0 < nb; j0 += BLOCK)
-            block (kind, a->data + (size_t) i0 * a->kp + k0, a->kp, kp, bp + 2 * j0, np,
-                   c + (size_t) i0 * ldc + n0 + j0, ldc, MIN (BLOCK, m - i0),
-                   MIN (BLOCK, nb - j0), accumulate);
+        /* KC of the depth at a time: a's 32 rows of it stay in the first-level cache while
+         * the blocks of the columns pass, b's KC rows in the second */
+        for (int q0 = 0; q0 < kp; q0 += KC)
+          for (int i0 = 0; i0 < m; i0 += BLOCK)
+            for (int j0 = 0; j0 < nb; j0 += BLOCK)
+              block (kind, a->data + (size_t) i0 * a->kp + k0 + q0, a->kp, MIN (KC, kp - q0),
+                     bp + (size_t) q0 * np + 2 * j0, np, c + (size_t) i0 * ldc + n0 + j0, ldc,
+                     MIN (BLOCK, m - i0), MIN (BLOCK, nb - j0), accumulate || q0 > 0);
       }
     if (kind == KERNEL_AMX)
       amx_release ();

@@ -515,7 +515,8 @@ test_gemm_bf16 (void)
     }
   g_test_message ("bf16 kernel: %s", kernel);
   static const int shapes[][3] = { { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 },
-                                   { 64, 256, 64 }, { 70, 530, 97 }, { 3, 1000, 200 } };
+                                   { 64, 256, 64 }, { 70, 530, 97 }, { 3, 1000, 200 },
+                                   { 45, 90, 700 } };
   for (guint s = 0; s < G_N_ELEMENTS (shapes); s++)
     for (int trans = 0; trans < 2; trans++)
       for (int accumulate = 0; accumulate < 2; accumulate++)
