@@ -310,14 +310,14 @@ gd_bf16_matrix_bytes (const GdBf16Matrix *p)
 }
 
 void
-gd_gemm_bf16_packed (const GdBf16Matrix *a, int k0, int k, int n, const float *b, int ldb,
-                     float beta, float *c, int ldc)
+gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, int n,
+                     const float *b, int ldb, float beta, float *c, int ldc)
 {
   Kernel kind = kernel ();
   g_return_if_fail (kind == KERNEL_AMX || kind == KERNEL_AVX512);
   g_return_if_fail (beta == 0.0f || beta == 1.0f);
   g_return_if_fail (k0 % BLOCK == 0 && k0 >= 0 && k0 + k <= a->k);
-  int m = a->m;
+  g_return_if_fail (i0_first % BLOCK == 0 && i0_first >= 0 && i0_first + m <= a->m);
   if (m <= 0 || n <= 0)
     return;
   gd_count_product (m, n, k);
@@ -341,7 +341,7 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int k0, int k, int n, const float *b
         for (int q0 = 0; q0 < kp; q0 += KC)
           for (int i0 = 0; i0 < m; i0 += BLOCK)
             for (int j0 = 0; j0 < nb; j0 += BLOCK)
-              block (kind, a->data + (size_t) i0 * a->kp + k0 + q0, a->kp, MIN (KC, kp - q0),
+              block (kind, a->data + (size_t) (i0_first + i0) * a->kp + k0 + q0, a->kp, MIN (KC, kp - q0),
                      bp + (size_t) q0 * np + 2 * j0, np, c + (size_t) i0 * ldc + n0 + j0, ldc,
                      MIN (BLOCK, m - i0), MIN (BLOCK, nb - j0), accumulate || q0 > 0);
       }
@@ -358,6 +358,6 @@ gd_gemm_bf16 (gboolean trans_a, int m, int n, int k, const float *a, int lda,
   if (m <= 0 || n <= 0)
     return;
   GdBf16Matrix *packed = gd_bf16_matrix_new (trans_a, m, k, a, lda);
-  gd_gemm_bf16_packed (packed, 0, k, n, b, ldb, beta, c, ldc);
+  gd_gemm_bf16_packed (packed, 0, m, 0, k, n, b, ldb, beta, c, ldc);
   gd_bf16_matrix_free (packed);
 }

@@ -23,9 +23,10 @@ GdBf16Matrix *gd_bf16_matrix_new (gboolean trans_a, int m, int k, const float *a
 void gd_bf16_matrix_free (GdBf16Matrix *packed);
 size_t gd_bf16_matrix_bytes (const GdBf16Matrix *packed);
 
-/* c[m, n] = beta c + a[:, k0 : k0 + k] b[k, n], with a packed; k0 a multiple of 32. */
-void gd_gemm_bf16_packed (const GdBf16Matrix *a, int k0, int k, int n, const float *b, int ldb,
-                          float beta, float *c, int ldc);
+/* c[m, n] = beta c + a[i0 : i0 + m, k0 : k0 + k] b[k, n], with a packed; i0 and k0
+ * multiples of 32. */
+void gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0, int m, int k0, int k, int n,
+                          const float *b, int ldb, float beta, float *c, int ldc);
 
 /* Rounds x to the nearest bfloat16 (ties to even), as the products see their operands. */
 float gd_bf16_round (float x);

@@ -298,9 +298,13 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
             for (int c0 = 0; c0 < cin; c0 += band)
               {
                 int cb = MIN (band, cin - c0);
-                gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
-                          weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
-                          pointwise ? dxi : col, spatial);
+                if (bf16)   /* W^T packed: rows of the band */
+                  gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, 0, cout, spatial, from + i * result,
+                                       spatial, 0.0f, pointwise ? dxi : col, spatial);
+                else
+                  gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
+                            weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
+                            pointwise ? dxi : col, spatial);
                 if (!pointwise)
                   col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
               }
@@ -326,8 +330,8 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
             if (!pointwise)
               im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
             if (bf16)
-              gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, spatial, pointwise ? xi : col, spatial,
-                                   c0 == 0 ? beta : 1.0f, yi, spatial);
+              gd_gemm_bf16_packed (bf16, 0, cout, c0 * kk, cb * kk, spatial, pointwise ? xi : col,
+                                   spatial, c0 == 0 ? beta : 1.0f, yi, spatial);
             else
               gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
                         weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
@@ -351,6 +355,14 @@ gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
                         int k, int stride, int pad, float *y, float *work)
 {
   conv_per_image (FALSE, x, n, cin, h, w, NULL, bias, cout, k, stride, pad, y, work, weight);
+}
+
+void
+gd_conv2d_input_gradient_bf16 (const float *dy, int n, int cin, int h, int w,
+                               const GdBf16Matrix *weight_t, int cout, int k, int stride, int pad,
+                               float *dx, float *work)
+{
+  conv_per_image (TRUE, dy, n, cin, h, w, NULL, NULL, cout, k, stride, pad, dx, work, weight_t);
 }
 
 void

@@ -19,6 +19,11 @@ typedef struct GdBf16Matrix GdBf16Matrix;
 void gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
                              const GdBf16Matrix *weight, const float *bias, int cout,
                              int k, int stride, int pad, float *y, float *work);
+/* The input gradient alone in bfloat16: weight_t is the weight transposed, packed by
+ * gd_bf16_matrix_new (TRUE, cin k k, cout, weight, cin k k). */
+void gd_conv2d_input_gradient_bf16 (const float *dy, int n, int cin, int h, int w,
+                                    const GdBf16Matrix *weight_t, int cout, int k, int stride,
+                                    int pad, float *dx, float *work);
 void gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                          const float *weight, int cout, int k, int stride, int pad,
                          const float *dy, float *dx, float *dweight, float *dbias, float *work);

@@ -134,7 +134,8 @@ struct GdModel {
   gboolean grads;             /* parameter gradients are being accumulated */
   gboolean inference;         /* gd_model_set_inference */
   gboolean bf16;              /* gd_model_set_bf16 */
-  GHashTable *bf16_weights;   /* GdParam * (a conv weight) -> GdBf16Matrix *, made on first use */
+  GHashTable *bf16_weights[2];/* GdParam * (a conv weight) -> GdBf16Matrix *, made on first
+                                 use: the weight, and transposed for input gradients */
   Keep kept;                  /* what the last forward kept for a backward pass */
   Buf shared[N_SAVED];        /* scratch that no backward pass reads, shared by all layers */
   Buf dxs[2];                 /* layer input gradients, taking turns (layer_dx) */
@@ -616,8 +617,9 @@ gd_model_free (GdModel *m)
   Buf *bufs[MODEL_BUFS];
   for (guint i = 0, count = model_bufs (m, bufs); i < count; i++)
     buf_clear (bufs[i]);
-  if (m->bf16_weights)
-    g_hash_table_unref (m->bf16_weights);
+  for (int i = 0; i < 2; i++)
+    if (m->bf16_weights[i])
+      g_hash_table_unref (m->bf16_weights[i]);
   gd_safetensors_free (m->file);
   if (m->metadata)
     g_hash_table_unref (m->metadata);
@@ -900,20 +902,29 @@ gd_model_load (const char *path, GError **error)
 
 /* ---- layer forward and backward ---- */
 
+/* A convolution's weight ([cout, cin k k]) in bfloat16, or its transpose, packed at first use. */
+static GdBf16Matrix *
+bf16_weight (GdModel *m, const Conv *c, gboolean transposed)
+{
+  GdBf16Matrix *packed = g_hash_table_lookup (m->bf16_weights[transposed], c->weight);
+  if (!packed)
+    {
+      int depth = c->cin * c->k * c->k;
+      packed = transposed ? gd_bf16_matrix_new (TRUE, depth, c->cout, c->weight->data, depth)
+                          : gd_bf16_matrix_new (FALSE, c->cout, depth, c->weight->data, depth);
+      g_hash_table_insert (m->bf16_weights[transposed], c->weight, packed);
+    }
+  return packed;
+}
+
 static void
 conv_forward (GdModel *m, const Conv *c, const float *x, int n, int h, int w, float *y)
 {
   float *work = buf_get (&m->work, gd_conv2d_work_size (c->cin, c->cout, n, h, w, c->k, c->stride, c->pad));
-  /* bf16 products only where no gradient follows */
-  if (m->bf16 && m->kept == KEEP_NOTHING)
+  /* bf16 products unless parameter gradients follow */
+  if (m->bf16 && m->kept != KEEP_ALL)
     {
-      GdBf16Matrix *packed = g_hash_table_lookup (m->bf16_weights, c->weight);
-      int depth = c->cin * c->k * c->k;
-      if (!packed)
-        {
-          packed = gd_bf16_matrix_new (FALSE, c->cout, depth, c->weight->data, depth);
-          g_hash_table_insert (m->bf16_weights, c->weight, packed);
-        }
+      GdBf16Matrix *packed = bf16_weight (m, c, FALSE);
       gd_conv2d_forward_bf16 (x, n, c->cin, h, w, packed, c->bias->data, c->cout, c->k,
                               c->stride, c->pad, y, work);
       return;
@@ -927,6 +938,12 @@ conv_backward (GdModel *m, const Conv *c, const float *x, int n, int h, int w,
                const float *dy, float *dx)
 {
   float *work = buf_get (&m->work, gd_conv2d_work_size (c->cin, c->cout, n, h, w, c->k, c->stride, c->pad));
+  if (m->bf16 && !c->weight->grad && dx)
+    {
+      gd_conv2d_input_gradient_bf16 (dy, n, c->cin, h, w, bf16_weight (m, c, TRUE), c->cout,
+                                     c->k, c->stride, c->pad, dx, work);
+      return;
+    }
   gd_conv2d_backward (x, n, c->cin, h, w, c->weight->data, c->cout, c->k, c->stride, c->pad,
                       dy, dx, c->weight->grad, c->bias->grad, work);
 }
@@ -1681,9 +1698,13 @@ gd_model_set_bf16 (GdModel *m, gboolean bf16, GError **error)
     return TRUE;
   m->bf16 = bf16;
   /* made again from the weights as they are now at the next bf16 pass */
-  g_clear_pointer (&m->bf16_weights, g_hash_table_unref);
-  if (bf16)
-    m->bf16_weights = g_hash_table_new_full (NULL, NULL, NULL, (GDestroyNotify) gd_bf16_matrix_free);
+  for (int i = 0; i < 2; i++)
+    {
+      g_clear_pointer (&m->bf16_weights[i], g_hash_table_unref);
+      if (bf16)
+        m->bf16_weights[i] = g_hash_table_new_full (NULL, NULL, NULL,
+                                                    (GDestroyNotify) gd_bf16_matrix_free);
+    }
   return TRUE;
 }
 

@@ -109,11 +109,13 @@ gboolean gd_model_forward (GdModel *model, const float *x, int n, int h, int w,
  * anyway.  Off by default. */
 void gd_model_set_inference (GdModel *model, gboolean inference);
 gboolean gd_model_get_inference (const GdModel *model);
-/* bf16 mode: inference forward passes (not those a gradient follows) run their larger
- * convolution products in bfloat16 with float sums (gd-bf16.h).  Faster where the processor
- * has AMX; results differ from float by bfloat16's rounding of weights and activations
- * (docs/performance.md gives the measured error).  The weights are rounded and packed at the
- * first bf16 pass (half the size of the float weights, kept until bf16 is turned off;
+/* bf16 mode: convolutions whose parameter gradients nobody wants (inference forward passes,
+ * and the forward and input-gradient passes of a guidance gradient) run their products in
+ * bfloat16 with float sums (gd-bf16.h).  Faster where the processor has AMX; results differ
+ * from float by bfloat16's rounding of weights and activations (docs/performance.md gives
+ * the measured error).  The weights are rounded and packed at the
+ * first bf16 pass (half the size of the float weights, twice for a classifier: the weights
+ * and their transposes; kept until bf16 is turned off;
  * turn it off and on after changing the weights).  FALSE, with an error, on a processor
  * without a bf16 product. */
 gboolean gd_model_set_bf16 (GdModel *model, gboolean bf16, GError **error);

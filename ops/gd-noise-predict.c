@@ -18,7 +18,7 @@ property_string (label, "Label", "")
 #include "gd-step-property.h"
 #include "gd-schedule-properties.h"
 property_boolean (bf16, "bf16", FALSE)
-  description ("Run the diffusion model's matrix products in bfloat16 with float sums (processors with AMX-BF16 or AVX512-BF16): faster, slightly less exact")
+  description ("Run the diffusion model's convolutions in bfloat16 with float sums (processors with AMX-BF16 or AVX512-BF16): faster, slightly less exact")
 
 #else
 

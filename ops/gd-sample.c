@@ -36,7 +36,7 @@ property_seed (seed, "Seed", rand)
 property_boolean (clip_denoised, "Clip denoised", TRUE)
   description ("Clamp the predicted x_0 to [-1, 1]")
 property_boolean (bf16, "bf16", FALSE)
-  description ("Run the diffusion model's matrix products in bfloat16 with float sums (processors with AMX-BF16 or AVX512-BF16): faster, slightly less exact")
+  description ("Run the models' convolutions in bfloat16 with float sums (processors with AMX-BF16 or AVX512-BF16): faster, slightly less exact")
 property_double (strength, "Strength", 1.0)
   description ("With an input image: the fraction of the steps run from the image noised to that step (0 keeps the image, 1 starts from almost pure noise)")
   value_range (0.0, 1.0)
@@ -180,6 +180,7 @@ process (GeglOperation *operation, GeglBuffer *input, GeglBuffer *aux, GeglBuffe
       if (p.classifier)
         g_mutex_lock (&p.classifier->lock);
       gboolean ok = gd_model_set_bf16 (p.model->model, o->bf16, &error)
+                    && (!p.classifier || gd_model_set_bf16 (p.classifier->model, o->bf16, &error))
                     && gd_sample_run (&options, x, 1, p.box.height, p.box.width, &error);
       if (p.classifier)
         g_mutex_unlock (&p.classifier->lock);

@@ -564,7 +564,7 @@ test_gemm_bf16 (void)
     float *a = random_buffer ((size_t) m * k, 1.0f), *b = random_buffer ((size_t) kb * n, 1.0f);
     float *c = g_new (float, (size_t) m * n);
     GdBf16Matrix *packed = gd_bf16_matrix_new (FALSE, m, k, a, k);
-    gd_gemm_bf16_packed (packed, k0, kb, n, b, n, 0.0f, c, n);
+    gd_gemm_bf16_packed (packed, 0, m, k0, kb, n, b, n, 0.0f, c, n);
     double worst = 0.0;
     for (int i = 0; i < m; i++)
       for (int j = 0; j < n; j++)

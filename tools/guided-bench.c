@@ -119,10 +119,6 @@ typedef struct {
   int64_t *t, *y;
 } Step;
 
-/* the bf16 forward's output against float's: largest difference over the largest output,
- * and root mean square of the differences over that of the outputs */
-static double bf16_error_worst, bf16_error_rms;
-
 static gboolean
 run_unet (gpointer data, GError **error)
 {
@@ -216,51 +212,74 @@ report (const char *what, double seconds, double gflop, double share)
   fflush (stdout);
 }
 
-/* The U-Net forward and the guided step with the U-Net's products in bf16, and how far its
- * output moves from float's. */
+/* How far a bf16 result lies from float's: largest difference over the largest value,
+ * root mean square of the differences over that of the values, and the cosine of the angle
+ * between them (what matters for a gradient that guidance scales). */
+typedef struct { double worst, rms, cosine; } Deviation;
+
+static Deviation
+deviation (const float *got, const float *exact, size_t count)
+{
+  double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0, got2 = 0.0, dot = 0.0;
+  for (size_t i = 0; i < count; i++)
+    {
+      double d = fabs ((double) got[i] - exact[i]);
+      worst = MAX (worst, d);
+      largest = MAX (largest, fabs (exact[i]));
+      diff2 += d * d;
+      ref2 += (double) exact[i] * exact[i];
+      got2 += (double) got[i] * got[i];
+      dot += (double) got[i] * exact[i];
+    }
+  return (Deviation) { worst / largest, sqrt (diff2 / ref2), dot / sqrt (ref2 * got2) };
+}
+
+static Deviation bf16_unet, bf16_gradient;
+
+/* The U-Net forward, the classifier gradient and the guided step with both models in bf16,
+ * and how far their outputs move from float's. */
 static gboolean
 bench_bf16 (Step *s, int runs, GError **error)
 {
   const GdModelConfig *mc = gd_model_get_config (s->unet);
   size_t count = (size_t) s->n * mc->out_channels * s->size * s->size;
-  if (!run_unet (s, error))
+  size_t grad_count = (size_t) s->n * mc->in_channels * s->size * s->size;
+  if (!run_unet (s, error) || !run_classifier (s, error))
     return FALSE;
   float *exact = g_memdup2 (s->out, sizeof (float) * count);
-  if (!gd_model_set_bf16 (s->unet, TRUE, error))
-    {
-      g_free (exact);
-      return FALSE;
-    }
+  float *exact_grad = g_memdup2 (s->grad, sizeof (float) * grad_count);
   double seconds, gflop, share;
   char what[128];
-  gboolean ok = run_unet (s, error);
+  gboolean ok = gd_model_set_bf16 (s->unet, TRUE, error)
+                && gd_model_set_bf16 (s->classifier, TRUE, error)
+                && run_unet (s, error) && run_classifier (s, error);
   if (ok)
     {
-      double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0;
-      for (size_t i = 0; i < count; i++)
-        {
-          double d = fabs ((double) s->out[i] - exact[i]);
-          worst = MAX (worst, d);
-          largest = MAX (largest, fabs (exact[i]));
-          diff2 += d * d;
-          ref2 += (double) exact[i] * exact[i];
-        }
+      bf16_unet = deviation (s->out, exact, count);
+      bf16_gradient = deviation (s->grad, exact_grad, grad_count);
       g_snprintf (what, sizeof what, "64x64 U-Net forward, batch %d, bf16 (%s)", s->n, gd_bf16_kernel ());
       ok = measure (run_unet, s, runs, &seconds, &gflop, &share, error);
       if (ok)
         report (what, seconds, gflop, share);
-      bf16_error_worst = worst / largest;
-      bf16_error_rms = sqrt (diff2 / ref2);
     }
   if (ok)
     {
-      g_snprintf (what, sizeof what, "64x64 guided DDIM step, batch %d, U-Net in bf16", s->n);
+      g_snprintf (what, sizeof what, "64x64 classifier forward + input gradient, batch %d, bf16", s->n);
+      ok = measure (run_classifier, s, runs, &seconds, &gflop, &share, error);
+      if (ok)
+        report (what, seconds, gflop, share);
+    }
+  if (ok)
+    {
+      g_snprintf (what, sizeof what, "64x64 guided DDIM step, batch %d, bf16", s->n);
       ok = measure (run_step, s, runs, &seconds, &gflop, &share, error);
       if (ok)
         report (what, seconds, gflop, share);
     }
   gd_model_set_bf16 (s->unet, FALSE, NULL);
+  gd_model_set_bf16 (s->classifier, FALSE, NULL);
   g_free (exact);
+  g_free (exact_grad);
   return ok;
 }
 
@@ -384,9 +403,10 @@ bench (int runs, gboolean big, GError **error)
         goto out;
     }
   if (gd_bf16_kernel ())
-    printf ("\nbf16 U-Net output against float's (batch 1): largest difference %.2e of the "
-            "largest output, root mean square %.2e of the outputs'\n", bf16_error_worst,
-            bf16_error_rms);
+    printf ("\nbf16 against float (batch 1): U-Net output: largest difference %.2e of the "
+            "largest value, root mean square %.2e of the values'; classifier gradient: %.2e, "
+            "%.2e, cosine %.6f\n", bf16_unet.worst, bf16_unet.rms, bf16_gradient.worst,
+            bf16_gradient.rms, bf16_gradient.cosine);
   else
     printf ("\nbf16: this processor has neither AMX-BF16 nor AVX512-BF16\n");
   struct rusage usage;

@@ -279,7 +279,7 @@ generate (Options *opt, GError **error)
   if (opt->classifier)
     {
       classifier = guided_load_model (opt->classifier, opt->classifier_config, error);
-      if (!classifier)
+      if (!classifier || (opt->bf16 && !gd_model_set_bf16 (classifier, TRUE, error)))
         goto out;
     }
   GdDiffusionSettings settings;
@@ -420,7 +420,7 @@ guided_sample_main (int argc, char **argv)
     { "batch", 'b', 0, G_OPTION_ARG_INT, &opt.batch, "Images to make, written as one grid (default 1)", "B" },
     { "each-class", 0, 0, G_OPTION_ARG_NONE, &opt.each_class, "One image of every class (with --batch B: B of each, a row per class)", NULL },
     { "no-clip", 0, 0, G_OPTION_ARG_NONE, &opt.no_clip, "Do not clamp the predicted x_0 to [-1, 1]", NULL },
-    { "bf16", 0, 0, G_OPTION_ARG_NONE, &opt.bf16, "Run the diffusion model's larger products in bfloat16 (AMX or AVX512-BF16; faster, less exact)", NULL },
+    { "bf16", 0, 0, G_OPTION_ARG_NONE, &opt.bf16, "Run the models' convolutions in bfloat16 (AMX or AVX512-BF16; faster, less exact)", NULL },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt.output, "Output PNG", "FILE" },
     { "tensor", 0, 0, G_OPTION_ARG_FILENAME, &opt.tensor, "Also write the samples x0 [B, C, H, W] in model space (safetensors)", "FILE" },
     { "replay", 0, 0, G_OPTION_ARG_FILENAME, &opt.replay, "Replay a reference sampling fixture folder", "DIR" },
