@@ -4,6 +4,7 @@
  * counts the steps (GIMP's own progress bar too) and Cancel stops the run at the end of
  * the current step, before anything is added to the image. */
 #include "gd-gimp.h"
+#include "gd-bf16.h"
 #include "gd-error.h"
 #include "gd-op-common.h"
 
@@ -488,6 +489,23 @@ build (Dialog *d, gint32 image, gint32 drawable)
   GtkWidget *seed_label = gimp_table_attach_aligned (GTK_TABLE (sampling), 0, 6, "See_d:", 0.0, 0.5,
                                                      d->seed, 2, TRUE);
   gtk_label_set_mnemonic_widget (GTK_LABEL (seed_label), GIMP_RANDOM_SEED_SPINBUTTON (d->seed));
+  GtkWidget *bf16 = gtk_check_button_new_with_mnemonic ("_bf16: faster, very slightly less exact");
+  if (gd_bf16_kernel ())
+    {
+      gtk_toggle_button_set_active (GTK_TOGGLE_BUTTON (bf16), s->bf16);
+      char *tip = g_strdup_printf ("Run the models' convolutions in bfloat16 with float sums "
+                                   "(this processor: %s)", gd_bf16_kernel ());
+      gimp_help_set_help_data (bf16, tip, NULL);
+      g_free (tip);
+    }
+  else
+    {
+      s->bf16 = FALSE;
+      gtk_widget_set_sensitive (bf16, FALSE);
+      gimp_help_set_help_data (bf16, "This processor has neither AMX-BF16 nor AVX512-BF16", NULL);
+    }
+  g_signal_connect (bf16, "toggled", G_CALLBACK (gimp_toggle_button_update), &s->bf16);
+  gtk_table_attach (GTK_TABLE (sampling), bf16, 1, 3, 7, 8, GTK_FILL, GTK_FILL, 0, 0);
   framed (d->fields, "Sampling", sampling);
 
   d->progress = gtk_progress_bar_new ();

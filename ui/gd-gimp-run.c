@@ -26,6 +26,7 @@ gd_gimp_settings_init (GdGimpSettings *s)
   s->random_seed = TRUE;
   s->n_images = 1;
   s->strength = 0.6;
+  s->bf16 = FALSE;
 }
 
 GdModel *
@@ -294,6 +295,9 @@ load (Job *job, GError **error)
       if (!job->classifier)
         return FALSE;
     }
+  if (s->bf16 && (!gd_model_set_bf16 (job->model, TRUE, error)
+                  || (job->classifier && !gd_model_set_bf16 (job->classifier, TRUE, error))))
+    return FALSE;
   const GdModelConfig *mc = gd_model_get_config (job->model);
   job->size = mc->image_size;
   job->channels = mc->in_channels;

@@ -37,6 +37,8 @@ typedef struct {
   gboolean random_seed;                       /* a new seed at every run */
   gint32 n_images;
   gdouble strength;                           /* vary and inpaint */
+  gboolean bf16;                              /* convolutions in bfloat16 (the dialog's
+                                                 choice; the PDB procedure runs in float) */
 } GdGimpSettings;
 
 void gd_gimp_settings_init (GdGimpSettings *s);
