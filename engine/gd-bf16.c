@@ -9,13 +9,15 @@
 #include "gd-bf16.h"
 #include "gd-parallel.h"
 
-#include <cpuid.h>
-#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #define BLOCK 32           /* rows and columns of c one kernel call makes */
 #define BLOCK_N 256        /* columns of b packed at a time by a thread */
@@ -28,9 +30,13 @@ typedef enum { KERNEL_UNKNOWN, KERNEL_AMX, KERNEL_AVX512, KERNEL_NONE } Kernel;
 static Kernel
 detect (void)
 {
+#if !defined(__x86_64__)
+  return KERNEL_NONE;
+#else
   unsigned int eax, ebx, ecx, edx;
   __builtin_cpu_init ();
   if (!__builtin_cpu_supports ("avx512f") || !__builtin_cpu_supports ("avx512bw")
+      || !__builtin_cpu_supports ("avx512vl")
       || !__get_cpuid_count (7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5)))
     return KERNEL_NONE;   /* no AVX512-BF16: nothing to pack with */
   const char *forced = g_getenv ("GD_BF16_KERNEL");
@@ -49,6 +55,7 @@ detect (void)
         return KERNEL_AMX;
     }
   return KERNEL_AVX512;
+#endif
 }
 
 static Kernel
@@ -101,6 +108,7 @@ round_up (int x, int to)
   return (x + to - 1) / to * to;
 }
 
+#if defined(__x86_64__)
 /* op(a) as [mp][kp] bfloat16, zero-filled */
 __attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
 pack_a (gboolean trans, int m, int k, const float *a, int lda, int mp, int kp, uint16_t *ap)
@@ -275,6 +283,8 @@ block (Kernel kind, const uint16_t *ap, int lda, int kp, const uint16_t *bp, int
     memcpy (c + (size_t) i * ldc, scratch + i * BLOCK, sizeof (float) * cols);
 }
 
+#endif
+
 struct GdBf16Matrix {
   int m, k, mp, kp;
   uint16_t *data;     /* [mp][kp] */
@@ -290,7 +300,11 @@ gd_bf16_matrix_new (gboolean trans, int m, int k, const float *a, int lda)
   p->mp = round_up (MAX (m, 1), BLOCK);
   p->kp = round_up (MAX (k, 1), BLOCK);
   p->data = g_aligned_alloc (sizeof (uint16_t), (size_t) p->mp * p->kp, 64);
+#if defined(__x86_64__)
   pack_a (trans, m, k, a, lda, p->mp, p->kp, p->data);
+#else
+  (void) trans, (void) a, (void) lda;
+#endif
   return p;
 }
 
@@ -321,34 +335,46 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, 
   if (m <= 0 || n <= 0)
     return;
   gd_count_product (m, n, k);
+#if defined(__x86_64__)
   /* columns of a past k0 + k are zero only past a->k: b's rows past k are packed as zeros */
   int kp = round_up (MAX (k, 1), BLOCK);
-  int blocks = (n + BLOCK_N - 1) / BLOCK_N;
+  int blocks = (n + BLOCK_N - 1) / BLOCK_N, row_blocks = (m + BLOCK - 1) / BLOCK;
   gboolean accumulate = beta != 0.0f;
-  int threads = omp_in_parallel () ? 1 : MIN (blocks, gd_parallel_threads ());
-#pragma omp parallel num_threads (threads)
+  int threads = omp_in_parallel () ? 1 : gd_parallel_threads ();
+  /* fewer column blocks than threads (small images): the rows are shared out too, each
+   * part packing its own copy of b's block.  Every element of c is summed the same way
+   * whoever sums it: the same numbers for any thread count. */
+  int parts = blocks >= threads ? 1 : MIN ((threads + blocks - 1) / blocks, row_blocks);
+  int part_rows = (row_blocks + parts - 1) / parts * BLOCK;
+  parts = (m + part_rows - 1) / part_rows;
+#pragma omp parallel num_threads (MIN (threads, blocks * parts))
   {
     uint16_t *bp = g_aligned_alloc (sizeof (uint16_t), (size_t) kp * BLOCK_N, 64);
     if (kind == KERNEL_AMX)
       amx_configure ();
 #pragma omp for schedule (static)
-    for (int blk = 0; blk < blocks; blk++)
+    for (int task = 0; task < blocks * parts; task++)
       {
+        int blk = task / parts, first = task % parts * part_rows, last = MIN (m, first + part_rows);
         int n0 = blk * BLOCK_N, nb = MIN (BLOCK_N, n - n0), np = round_up (nb, BLOCK);
         pack_b (k, b, ldb, n0, nb, kp, np, bp);
         /* KC of the depth at a time: a's 32 rows of it stay in the first-level cache while
          * the blocks of the columns pass, b's KC rows in the second */
         for (int q0 = 0; q0 < kp; q0 += KC)
-          for (int i0 = 0; i0 < m; i0 += BLOCK)
+          for (int i0 = first; i0 < last; i0 += BLOCK)
             for (int j0 = 0; j0 < nb; j0 += BLOCK)
-              block (kind, a->data + (size_t) (i0_first + i0) * a->kp + k0 + q0, a->kp, MIN (KC, kp - q0),
-                     bp + (size_t) q0 * np + 2 * j0, np, c + (size_t) i0 * ldc + n0 + j0, ldc,
-                     MIN (BLOCK, m - i0), MIN (BLOCK, nb - j0), accumulate || q0 > 0);
+              block (kind, a->data + (size_t) (i0_first + i0) * a->kp + k0 + q0, a->kp,
+                     MIN (KC, kp - q0), bp + (size_t) q0 * np + 2 * j0, np,
+                     c + (size_t) i0 * ldc + n0 + j0, ldc, MIN (BLOCK, m - i0),
+                     MIN (BLOCK, nb - j0), accumulate || q0 > 0);
       }
     if (kind == KERNEL_AMX)
       amx_release ();
     g_aligned_free (bp);
   }
+#else
+  (void) b, (void) ldb, (void) c, (void) ldc;   /* no kernel: refused above */
+#endif
 }
 
 void

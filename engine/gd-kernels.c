@@ -286,7 +286,8 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
   int band = pointwise ? cin : conv_band (cin, k, spatial);
 #pragma omp parallel num_threads (conv_lanes (n))
   {
-    float *col = work + (size_t) omp_get_thread_num () * band * kk * spatial;
+    /* 1x1 convolutions read their input as it is: no columns */
+    float *col = pointwise ? NULL : work + (size_t) omp_get_thread_num () * band * kk * spatial;
 #pragma omp for schedule (dynamic)
     for (int i = 0; i < n; i++)
       {
@@ -389,7 +390,7 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   double *partial_b = dbias ? g_new0 (double, (size_t) chunks * cout) : NULL;
 #pragma omp parallel num_threads (conv_lanes (chunks))
   {
-    float *col = work + (size_t) omp_get_thread_num () * band * kk * spatial;
+    float *col = pointwise ? NULL : work + (size_t) omp_get_thread_num () * band * kk * spatial;
 #pragma omp for schedule (dynamic)
     for (int c = 0; c < chunks; c++)
       for (int i = c * GRADIENT_CHUNK; i < MIN (n, (c + 1) * GRADIENT_CHUNK); i++)

@@ -230,6 +230,8 @@ layer_free (gpointer data)
   g_free (l);
 }
 
+/* Frees what only a backward pass reads: a layer's saved values, and its output unless
+ * inference keeps it too (a U-Net skip). */
 static void
 block_release_saved (Block *b)
 {
@@ -238,8 +240,11 @@ block_release_saved (Block *b)
       Layer *l = b->layers->pdata[i];
       for (int k = 0; k < N_SAVED; k++)
         buf_clear (&l->saved[k]);
+      if (!b->skip_source || i + 1 < b->layers->len)
+        buf_clear (&l->out);
     }
   buf_clear (&b->dskip);
+  buf_clear (&b->concat);
 }
 
 static Block *
@@ -685,9 +690,19 @@ param_take_new_data (GdParam *p)
   p->owns_data = TRUE;
 }
 
+/* Drops the packed bf16 weights: the weights are about to change. */
+static void
+bf16_forget (GdModel *m)
+{
+  for (int i = 0; i < 2; i++)
+    if (m->bf16_weights[i])
+      g_hash_table_remove_all (m->bf16_weights[i]);
+}
+
 void
 gd_model_init_random (GdModel *m, uint64_t seed)
 {
+  bf16_forget (m);
   for (guint i = 0; i < m->params->len; i++)
     {
       GdParam *p = m->params->pdata[i];
@@ -729,6 +744,7 @@ zero_initialised (const char *name)
 void
 gd_model_init_training (GdModel *m, uint64_t seed)
 {
+  bf16_forget (m);
   for (guint i = 0; i < m->params->len; i++)
     {
       GdParam *p = m->params->pdata[i];
@@ -1653,6 +1669,8 @@ gd_model_set_inference (GdModel *m, gboolean inference)
       block_release_saved (groups[g]->pdata[b]);
   if (m->middle)
     block_release_saved (m->middle);
+  buf_clear (&m->dxs[0]);
+  buf_clear (&m->dxs[1]);
 }
 
 static size_t

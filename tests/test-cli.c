@@ -285,10 +285,11 @@ expect_failure (const char *what, const char *expected, const char *output, ...)
   g_ptr_array_unref (args);
 }
 
-/* --bf16: the diffusion model's products in bfloat16.  With the shipped Fashion-MNIST models,
+/* --bf16: both models' convolutions in bfloat16.  With the shipped Fashion-MNIST models,
  * 5 guided steps from the same noise: the same picture as float's to the eye (on average
  * within 1/255 of the range, no pixel off by more than 8/255), yet not identical (the
- * products did run in bf16).  Where the processor has no bf16 product: a clear error. */
+ * products did run in bf16), and the same for 1 and 2 threads.  Where the processor has no
+ * bf16 product: a clear error. */
 static void
 test_bf16 (void)
 {
@@ -304,7 +305,7 @@ test_bf16 (void)
   if (status != 0)
     g_error ("guided sample failed: %s", err);
   g_clear_pointer (&err, g_free);
-  status = run_guided (&err, NULL, "sample", "--model", model, "--classifier", classifier,
+  status = run_guided (&err, "2", "sample", "--model", model, "--classifier", classifier,
                        "--each-class", "--steps", "5", "--seed", "3", "--scale", "4", "--bf16",
                        "-o", png, "--tensor", rounded, NULL);
   if (status != 0 && err && strstr (err, "bf16 needs a processor"))
@@ -331,6 +332,15 @@ test_bf16 (void)
       g_assert_cmpfloat (worst, >, 0.0);
       g_assert_cmpfloat (sum / count, <=, 2.0 / 255);
       g_assert_cmpfloat (worst, <=, 16.0 / 255);
+      g_clear_pointer (&err, g_free);
+      g_assert_cmpint (run_guided (&err, "1", "sample", "--model", model, "--classifier", classifier,
+                                   "--each-class", "--steps", "5", "--seed", "3", "--scale", "4",
+                                   "--bf16", "-o", png, "--tensor", exact, NULL), ==, 0);
+      int64_t count_one;
+      float *one = read_tensor (exact, "x0", &count_one, NULL);
+      g_assert_cmpint (count_one, ==, count);
+      g_assert_cmpmem (one, sizeof (float) * count, b, sizeof (float) * count);
+      g_free (one);
       g_free (a);
       g_free (b);
       g_unlink (rounded);

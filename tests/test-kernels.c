@@ -593,6 +593,68 @@ test_gemm_bf16 (void)
   g_assert_true (isnan (gd_bf16_round (NAN)));
 }
 
+/* bf16 convolutions over more than one band of input channels (160 channels at 64x64: a
+ * band of 96 and one of 64), forward and input gradient, against the float convolution of
+ * the same bf16-rounded input, weights and output gradient: only the float sums may
+ * differ.  The input gradient reads the transposed weights from row 96 on. */
+static void
+test_conv_bf16_bands (void)
+{
+  if (!gd_bf16_kernel ())
+    {
+      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
+      g_test_skip ("this processor has no bf16 product");
+      return;
+    }
+  const int n = 2, cin = 160, cout = 40, h = 64, w = 64, k = 3;
+  size_t in = (size_t) n * cin * h * w, out = (size_t) n * cout * h * w, depth = (size_t) cin * k * k;
+  float *x = random_buffer (in, 1.0f), *weight = random_buffer (cout * depth, 0.05f);
+  float *bias = random_buffer (cout, 0.1f), *dy = random_buffer (out, 1.0f);
+  for (size_t i = 0; i < in; i++)
+    x[i] = gd_bf16_round (x[i]);
+  for (size_t i = 0; i < cout * depth; i++)
+    weight[i] = gd_bf16_round (weight[i]);
+  for (size_t i = 0; i < out; i++)
+    dy[i] = gd_bf16_round (dy[i]);
+  float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, k, 1, 1));
+  float *exact = g_new (float, MAX (in, out)), *got = g_new (float, MAX (in, out));
+  GdBf16Matrix *packed = gd_bf16_matrix_new (FALSE, cout, depth, weight, depth);
+  GdBf16Matrix *packed_t = gd_bf16_matrix_new (TRUE, depth, cout, weight, depth);
+  for (int pass = 0; pass < 2; pass++)
+    {
+      size_t count = pass ? in : out;
+      if (pass == 0)
+        {
+          gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, k, 1, 1, exact, work);
+          gd_conv2d_forward_bf16 (x, n, cin, h, w, packed, bias, cout, k, 1, 1, got, work);
+        }
+      else
+        {
+          gd_conv2d_backward (x, n, cin, h, w, weight, cout, k, 1, 1, dy, exact, NULL, NULL, work);
+          gd_conv2d_input_gradient_bf16 (dy, n, cin, h, w, packed_t, cout, k, 1, 1, got, work);
+        }
+      double worst = 0.0, largest = 0.0;
+      for (size_t i = 0; i < count; i++)
+        {
+          worst = MAX (worst, fabs (got[i] - exact[i]));
+          largest = MAX (largest, fabs (exact[i]));
+        }
+      g_test_message ("bf16 %s over two bands: largest difference %.2e of the largest value",
+                      pass ? "input gradient" : "forward", worst / largest);
+      g_assert_cmpfloat (largest, >, 0.0);
+      g_assert_cmpfloat (worst, <=, 1e-5 * largest);
+    }
+  gd_bf16_matrix_free (packed);
+  gd_bf16_matrix_free (packed_t);
+  g_free (x);
+  g_free (weight);
+  g_free (bias);
+  g_free (dy);
+  g_free (work);
+  g_free (exact);
+  g_free (got);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -600,7 +662,8 @@ main (int argc, char **argv)
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/kernels/blas-core", test_blas_core);
   g_test_add_func ("/kernels/exp", test_exp);
-  g_test_add_func ("/kernels/gemm-bf16", test_gemm_bf16);
+  g_test_add_func ("/kernels/bf16/gemm", test_gemm_bf16);
+  g_test_add_func ("/kernels/bf16/conv-bands", test_conv_bf16_bands);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);
