@@ -133,3 +133,20 @@ gd_stats_mean_pairwise_distance (const float *x, int n, int d)
       }
   return total / ((double) n * (n - 1) / 2.0);
 }
+
+GdDeviation
+gd_stats_deviation (const float *got, const float *exact, size_t count)
+{
+  double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0, got2 = 0.0, dot = 0.0;
+  for (size_t i = 0; i < count; i++)
+    {
+      double d = fabs ((double) got[i] - exact[i]);
+      worst = MAX (worst, d);
+      largest = MAX (largest, fabs (exact[i]));
+      diff2 += d * d;
+      ref2 += (double) exact[i] * exact[i];
+      got2 += (double) got[i] * got[i];
+      dot += (double) got[i] * exact[i];
+    }
+  return (GdDeviation) { worst, largest, sqrt (diff2 / ref2), dot / sqrt (ref2 * got2) };
+}

@@ -16,4 +16,10 @@ gboolean gd_stats_frechet_distance (const double *mu1, const double *cov1, const
 /* Mean Euclidean distance over all pairs of the n vectors (0 when n < 2). */
 double gd_stats_mean_pairwise_distance (const float *x, int n, int d);
 
+/* How far `got` lies from `exact`: the largest absolute difference, the largest |exact|,
+ * the root mean square of the differences over that of `exact`, and the cosine of the
+ * angle between the two (what matters for a gradient that is scaled). */
+typedef struct { double worst, largest, rms, cosine; } GdDeviation;
+GdDeviation gd_stats_deviation (const float *got, const float *exact, size_t count);
+
 G_END_DECLS

@@ -4,6 +4,7 @@
 #include "gd-model.h"
 #include "gd-recognize.h"
 #include "gd-safetensors.h"
+#include "gd-stats.h"
 
 #include <glib.h>
 #include <json-glib/json-glib.h>
@@ -79,27 +80,16 @@ check_bf16 (const char *fixture, GdModel *model, const float *x, int n, int h, i
                               : gd_model_forward (model, x, n, h, w, t, y, run ? second : first,
                                                   &error));
   g_assert_cmpmem (first, sizeof (float) * count, second, sizeof (float) * count);
-  double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0, got2 = 0.0, dot = 0.0;
-  for (size_t i = 0; i < count; i++)
-    {
-      double d = fabs ((double) first[i] - exact[i]);
-      worst = MAX (worst, d);
-      largest = MAX (largest, fabs (exact[i]));
-      diff2 += d * d;
-      ref2 += (double) exact[i] * exact[i];
-      got2 += (double) first[i] * first[i];
-      dot += (double) first[i] * exact[i];
-    }
-  double cosine = dot / sqrt (ref2 * got2);
+  GdDeviation dev = gd_stats_deviation (first, exact, count);
   g_test_message ("%s in bf16: largest difference %.2e of the largest value, rms %.2e, "
-                  "cosine %.6f", fixture, worst / largest, sqrt (diff2 / ref2), cosine);
-  g_assert_cmpfloat (worst, >, 0.0);
+                  "cosine %.6f", fixture, dev.worst / dev.largest, dev.rms, dev.cosine);
+  g_assert_cmpfloat (dev.worst, >, 0.0);
   if (classifier)
-    g_assert_cmpfloat (cosine, >=, 0.999);
+    g_assert_cmpfloat (dev.cosine, >=, 0.999);
   else
     {
-      g_assert_cmpfloat (worst, <=, 3e-2 * largest);
-      g_assert_cmpfloat (sqrt (diff2 / ref2), <=, 1e-2);
+      g_assert_cmpfloat (dev.worst, <=, 3e-2 * dev.largest);
+      g_assert_cmpfloat (dev.rms, <=, 1e-2);
     }
   g_assert_true (gd_model_set_bf16 (model, FALSE, &error));
   g_free (first);

@@ -10,6 +10,7 @@
 #include "gd-random.h"
 #include "gd-recognize.h"
 #include "gd-safetensors.h"
+#include "gd-stats.h"
 
 #include <glib/gstdio.h>
 #include <math.h>
@@ -212,29 +213,7 @@ report (const char *what, double seconds, double gflop, double share)
   fflush (stdout);
 }
 
-/* How far a bf16 result lies from float's: largest difference over the largest value,
- * root mean square of the differences over that of the values, and the cosine of the angle
- * between them (what matters for a gradient that guidance scales). */
-typedef struct { double worst, rms, cosine; } Deviation;
-
-static Deviation
-deviation (const float *got, const float *exact, size_t count)
-{
-  double worst = 0.0, largest = 0.0, diff2 = 0.0, ref2 = 0.0, got2 = 0.0, dot = 0.0;
-  for (size_t i = 0; i < count; i++)
-    {
-      double d = fabs ((double) got[i] - exact[i]);
-      worst = MAX (worst, d);
-      largest = MAX (largest, fabs (exact[i]));
-      diff2 += d * d;
-      ref2 += (double) exact[i] * exact[i];
-      got2 += (double) got[i] * got[i];
-      dot += (double) got[i] * exact[i];
-    }
-  return (Deviation) { worst / largest, sqrt (diff2 / ref2), dot / sqrt (ref2 * got2) };
-}
-
-static Deviation bf16_unet, bf16_gradient;
+static GdDeviation bf16_unet, bf16_gradient;
 
 /* The U-Net forward, the classifier gradient and the guided step with both models in bf16,
  * and how far their outputs move from float's. */
@@ -255,8 +234,8 @@ bench_bf16 (Step *s, int runs, GError **error)
                 && run_unet (s, error) && run_classifier (s, error);
   if (ok)
     {
-      bf16_unet = deviation (s->out, exact, count);
-      bf16_gradient = deviation (s->grad, exact_grad, grad_count);
+      bf16_unet = gd_stats_deviation (s->out, exact, count);
+      bf16_gradient = gd_stats_deviation (s->grad, exact_grad, grad_count);
       g_snprintf (what, sizeof what, "64x64 U-Net forward, batch %d, bf16 (%s)", s->n, gd_bf16_kernel ());
       ok = measure (run_unet, s, runs, &seconds, &gflop, &share, error);
       if (ok)
@@ -405,8 +384,8 @@ bench (int runs, gboolean big, GError **error)
   if (gd_bf16_kernel ())
     printf ("\nbf16 against float (batch 1): U-Net output: largest difference %.2e of the "
             "largest value, root mean square %.2e of the values'; classifier gradient: %.2e, "
-            "%.2e, cosine %.6f\n", bf16_unet.worst, bf16_unet.rms, bf16_gradient.worst,
-            bf16_gradient.rms, bf16_gradient.cosine);
+            "%.2e, cosine %.6f\n", bf16_unet.worst / bf16_unet.largest, bf16_unet.rms,
+            bf16_gradient.worst / bf16_gradient.largest, bf16_gradient.rms, bf16_gradient.cosine);
   else
     printf ("\nbf16: this processor has neither AMX-BF16 nor AVX512-BF16\n");
   struct rusage usage;
