@@ -131,15 +131,33 @@ pack_a (gboolean trans, int m, int k, const float *a, int lda, int mp, int kp, u
     }
 }
 
+/* Where b comes from: a row-major float matrix, or the columns of a 3x3 convolution
+ * (stride 1, padding 1) read straight from its image [k / 9][h][w]. */
+typedef struct {
+  const float *b;
+  int ldb;
+  const float *image;
+  int h, w;
+} Source;
+
+/* word 2j of the result: the first row's column j; word 2j + 1: the second row's */
+static const uint16_t interleave[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                         7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                         29, 14, 30, 15, 31 };
+
+/* 16 columns of two rows of b as 16 interleaved pairs */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void
+store_pairs (uint16_t *dst, __m512 lo, __m512 hi)
+{
+  /* low half: lo's 16 values, high half: hi's */
+  __m512i both = (__m512i) _mm512_cvtne2ps_pbh (hi, lo);
+  _mm512_storeu_si512 (dst, _mm512_permutexvar_epi16 (_mm512_loadu_si512 (interleave), both));
+}
+
 /* columns [n0, n0 + nb) of b as [kp / 2][np][2] bfloat16, zero-filled */
 __attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
 pack_b (int k, const float *b, int ldb, int n0, int nb, int kp, int np, uint16_t *bp)
 {
-  /* word 2j of the result: the first row's column j; word 2j + 1: the second row's */
-  static const uint16_t interleave[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
-                                           7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
-                                           29, 14, 30, 15, 31 };
-  __m512i index = _mm512_loadu_si512 (interleave);
   for (int r = 0; r < kp / 2; r++)
     {
       const float *row0 = 2 * r < k ? b + (size_t) (2 * r) * ldb + n0 : NULL;
@@ -151,9 +169,58 @@ pack_b (int k, const float *b, int ldb, int n0, int nb, int kp, int np, uint16_t
           __mmask16 mask = (__mmask16) (valid == 16 ? 0xffff : (1u << valid) - 1);
           __m512 lo = row0 ? _mm512_maskz_loadu_ps (mask, row0 + j) : _mm512_setzero_ps ();
           __m512 hi = row1 ? _mm512_maskz_loadu_ps (mask, row1 + j) : _mm512_setzero_ps ();
-          /* low half: lo's 16 values, high half: hi's */
-          __m512i both = (__m512i) _mm512_cvtne2ps_pbh (hi, lo);
-          _mm512_storeu_si512 (dst + 2 * j, _mm512_permutexvar_epi16 (index, both));
+          store_pairs (dst + 2 * j, lo, hi);
+        }
+    }
+}
+
+/* 16 values of row q of a 3x3 convolution's columns, from column p on: the image's channel
+ * q / 9 shifted by tap q % 9, where mask says which columns read inside the image */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512
+image_row (const Source *s, int q, int p, __mmask16 mask)
+{
+  if (!mask)
+    return _mm512_setzero_ps ();
+  size_t plane = (size_t) s->h * s->w;
+  const float *channel = s->image + (size_t) (q / 9) * plane;
+  ptrdiff_t at = p + (ptrdiff_t) (q % 9 / 3 - 1) * s->w + (q % 3 - 1);
+  if (at >= 0 && at + 16 <= (ptrdiff_t) plane)
+    return _mm512_maskz_loadu_ps (mask, channel + at);
+  /* at the channel's first or last row: only the masked-in values are read */
+  float values[16];
+  for (int l = 0; l < 16; l++)
+    values[l] = mask >> l & 1 ? channel[at + l] : 0.0f;
+  return _mm512_loadu_ps (values);
+}
+
+/* pack_b for a Source with an image: the columns [n0, n0 + nb) of its 3x3 convolution,
+ * never written out as floats */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+pack_b_image (int k, const Source *s, int n0, int nb, int kp, int np, uint16_t *bp)
+{
+  /* inside[tap][g]: which of the columns 16 g ... 16 g + 15 read inside the image */
+  __mmask16 inside[9][BLOCK_N / 16];
+  for (int tap = 0; tap < 9; tap++)
+    for (int g = 0; g < np / 16; g++)
+      {
+        unsigned mask = 0;
+        for (int l = 0; l < 16 && 16 * g + l < nb; l++)
+          {
+            int p = n0 + 16 * g + l, y = p / s->w + tap / 3 - 1, x = p % s->w + tap % 3 - 1;
+            if (y >= 0 && y < s->h && x >= 0 && x < s->w)
+              mask |= 1u << l;
+          }
+        inside[tap][g] = (__mmask16) mask;
+      }
+  for (int r = 0; r < kp / 2; r++)
+    {
+      int q0 = 2 * r, q1 = 2 * r + 1;
+      uint16_t *dst = bp + (size_t) r * np * 2;
+      for (int j = 0; j < np; j += 16)
+        {
+          __m512 lo = q0 < k ? image_row (s, q0, n0 + j, inside[q0 % 9][j / 16]) : _mm512_setzero_ps ();
+          __m512 hi = q1 < k ? image_row (s, q1, n0 + j, inside[q1 % 9][j / 16]) : _mm512_setzero_ps ();
+          store_pairs (dst + 2 * j, lo, hi);
         }
     }
 }
@@ -323,9 +390,47 @@ gd_bf16_matrix_bytes (const GdBf16Matrix *p)
   return p ? sizeof (uint16_t) * p->mp * p->kp : 0;
 }
 
-void
-gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, int n,
-                     const float *b, int ldb, float beta, float *c, int ldc)
+#if defined(__x86_64__)
+/* Each thread's packed block of b, kept from call to call: a whole depth of 256 columns is
+ * up to a few megabytes, which a fresh allocation would page-fault in every time. */
+typedef struct {
+  uint16_t *data;
+  size_t size;
+} PackBuffer;
+
+static void
+pack_buffer_free (gpointer data)
+{
+  PackBuffer *buffer = data;
+  g_aligned_free (buffer->data);
+  g_free (buffer);
+}
+
+static GPrivate pack_buffer = G_PRIVATE_INIT (pack_buffer_free);
+
+static uint16_t *
+pack_buffer_get (size_t count)
+{
+  PackBuffer *buffer = g_private_get (&pack_buffer);
+  if (!buffer)
+    {
+      buffer = g_new0 (PackBuffer, 1);
+      g_private_set (&pack_buffer, buffer);
+    }
+  if (buffer->size < count)
+    {
+      g_aligned_free (buffer->data);
+      buffer->data = g_aligned_alloc (sizeof (uint16_t), count, 64);
+      buffer->size = count;
+    }
+  return buffer->data;
+}
+#endif
+
+/* c[m, n] = beta c + a[i0_first :, k0 : k0 + k] b, with b from src */
+static void
+product (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, int n, const Source *src,
+         float beta, float *c, int ldc)
 {
   Kernel kind = kernel ();
   g_return_if_fail (kind == KERNEL_AMX || kind == KERNEL_AVX512);
@@ -349,7 +454,7 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, 
   parts = (m + part_rows - 1) / part_rows;
 #pragma omp parallel num_threads (MIN (threads, blocks * parts))
   {
-    uint16_t *bp = g_aligned_alloc (sizeof (uint16_t), (size_t) kp * BLOCK_N, 64);
+    uint16_t *bp = pack_buffer_get ((size_t) kp * BLOCK_N);
     if (kind == KERNEL_AMX)
       amx_configure ();
 #pragma omp for schedule (static)
@@ -357,7 +462,10 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, 
       {
         int blk = task / parts, first = task % parts * part_rows, last = MIN (m, first + part_rows);
         int n0 = blk * BLOCK_N, nb = MIN (BLOCK_N, n - n0), np = round_up (nb, BLOCK);
-        pack_b (k, b, ldb, n0, nb, kp, np, bp);
+        if (src->image)
+          pack_b_image (k, src, n0, nb, kp, np, bp);
+        else
+          pack_b (k, src->b, src->ldb, n0, nb, kp, np, bp);
         /* KC of the depth at a time: a's 32 rows of it stay in the first-level cache while
          * the blocks of the columns pass, b's KC rows in the second */
         for (int q0 = 0; q0 < kp; q0 += KC)
@@ -370,11 +478,26 @@ gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0_first, int m, int k0, int k, 
       }
     if (kind == KERNEL_AMX)
       amx_release ();
-    g_aligned_free (bp);
   }
 #else
-  (void) b, (void) ldb, (void) c, (void) ldc;   /* no kernel: refused above */
+  (void) src, (void) c, (void) ldc;   /* no kernel: refused above */
 #endif
+}
+
+void
+gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0, int m, int k0, int k, int n,
+                     const float *b, int ldb, float beta, float *c, int ldc)
+{
+  Source src = { .b = b, .ldb = ldb };
+  product (a, i0, m, k0, k, n, &src, beta, c, ldc);
+}
+
+void
+gd_gemm_bf16_conv3x3 (const GdBf16Matrix *a, int i0, int m, const float *x, int channels,
+                      int h, int w, float beta, float *c, int ldc)
+{
+  Source src = { .image = x, .h = h, .w = w };
+  product (a, i0, m, 0, channels * 9, h * w, &src, beta, c, ldc);
 }
 
 void

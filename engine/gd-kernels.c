@@ -267,6 +267,21 @@ conv_is_pointwise (int k, int stride, int pad)
   return k == 1 && stride == 1 && pad == 0;
 }
 
+/* y[co, :] = bias[co] (the product then adds to it); nothing without a bias */
+static void
+conv_fill_bias (const float *bias, int cout, int spatial, float *y)
+{
+  if (!bias)
+    return;
+  for (int co = 0; co < cout; co++)
+    {
+      float *row = y + (size_t) co * spatial, value = bias[co];
+#pragma omp simd
+      for (int s = 0; s < spatial; s++)
+        row[s] = value;
+    }
+}
+
 /* Forward passes and input gradients go image by image, each thread taking whole images:
  * an image's columns are still in the cache when its product reads them, and the product
  * lands in NCHW without a copy.  One image alone is one product that gd_sgemm cuts into
@@ -291,6 +306,21 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
 #pragma omp for schedule (dynamic)
     for (int i = 0; i < n; i++)
       {
+        if (bf16 && conv_is_3x3_same (k, stride, pad))
+          {
+            /* the columns are packed from the image as the product reads them; the input
+             * gradient is a convolution of dy with the flipped, transposed weights */
+            if (input_gradient)
+              gd_gemm_bf16_conv3x3 (bf16, 0, cin, from + i * result, cout, h, w, 0.0f,
+                                    to + i * image, spatial);
+            else
+              {
+                conv_fill_bias (bias, cout, spatial, to + i * result);
+                gd_gemm_bf16_conv3x3 (bf16, 0, cout, from + i * image, cin, h, w,
+                                      bias ? 1.0f : 0.0f, to + i * result, spatial);
+              }
+            continue;
+          }
         if (input_gradient)
           {
             /* dcol = W^T dy, then summed back onto the pixels it was read from, a band of
@@ -313,18 +343,8 @@ conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int 
           }
         const float *xi = from + i * image;
         float *yi = to + i * result;
-        float beta = 0.0f;
-        if (bias)
-          {
-            for (int co = 0; co < cout; co++)
-              {
-                float *row = yi + (size_t) co * spatial, value = bias[co];
-#pragma omp simd
-                for (int s = 0; s < spatial; s++)
-                  row[s] = value;
-              }
-            beta = 1.0f;
-          }
+        float beta = bias ? 1.0f : 0.0f;
+        conv_fill_bias (bias, cout, spatial, yi);
         for (int c0 = 0; c0 < cin; c0 += band)
           {
             int cb = MIN (band, cin - c0);
@@ -356,6 +376,27 @@ gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
                         int k, int stride, int pad, float *y, float *work)
 {
   conv_per_image (FALSE, x, n, cin, h, w, NULL, bias, cout, k, stride, pad, y, work, weight);
+}
+
+GdBf16Matrix *
+gd_conv2d_bf16_weight (int input_gradient, const float *weight, int cout, int cin, int k,
+                       int stride, int pad)
+{
+  int depth = cin * k * k;
+  if (!input_gradient)
+    return gd_bf16_matrix_new (FALSE, cout, depth, weight, depth);
+  if (!conv_is_3x3_same (k, stride, pad))
+    return gd_bf16_matrix_new (TRUE, depth, cout, weight, depth);
+  /* flipped[ci, (co, ky, kx)] = weight[co, ci, 2 - ky, 2 - kx]: dx is the convolution of dy
+   * with it, as 3x3 convolutions with padding 1 are their own adjoint up to the flip */
+  float *flipped = g_new (float, (size_t) cin * cout * 9);
+  for (int ci = 0; ci < cin; ci++)
+    for (int co = 0; co < cout; co++)
+      for (int tap = 0; tap < 9; tap++)
+        flipped[((size_t) ci * cout + co) * 9 + tap] = weight[((size_t) co * cin + ci) * 9 + 8 - tap];
+  GdBf16Matrix *packed = gd_bf16_matrix_new (FALSE, cin, cout * 9, flipped, cout * 9);
+  g_free (flipped);
+  return packed;
 }
 
 void

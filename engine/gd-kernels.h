@@ -13,17 +13,22 @@ size_t gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int s
 void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                         const float *weight, const float *bias, int cout,
                         int k, int stride, int pad, float *y, float *work);
-/* The same with the products in bfloat16 with float sums (gd-bf16.h): weight packed once by
- * gd_bf16_matrix_new (FALSE, cout, cin k k, weight, cin k k). */
+/* The same with the products in bfloat16 with float sums (gd-bf16.h), weight packed once by
+ * gd_conv2d_bf16_weight (FALSE, ...).  3x3 convolutions with stride 1 and padding 1 pack
+ * their columns from the image as the product goes and leave work unused. */
 typedef struct GdBf16Matrix GdBf16Matrix;
 void gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
                              const GdBf16Matrix *weight, const float *bias, int cout,
                              int k, int stride, int pad, float *y, float *work);
-/* The input gradient alone in bfloat16: weight_t is the weight transposed, packed by
- * gd_bf16_matrix_new (TRUE, cin k k, cout, weight, cin k k). */
+/* The input gradient alone in bfloat16, weight_t packed once by gd_conv2d_bf16_weight (TRUE, ...). */
 void gd_conv2d_input_gradient_bf16 (const float *dy, int n, int cin, int h, int w,
                                     const GdBf16Matrix *weight_t, int cout, int k, int stride,
                                     int pad, float *dx, float *work);
+/* A convolution's weight [cout, cin, k, k] rounded and packed for gd_conv2d_forward_bf16, or
+ * (input_gradient nonzero) for gd_conv2d_input_gradient_bf16: transposed, and for 3x3 convolutions
+ * with stride 1 and padding 1 also flipped, to [cin, cout 3 3]. */
+GdBf16Matrix *gd_conv2d_bf16_weight (int input_gradient, const float *weight, int cout,
+                                     int cin, int k, int stride, int pad);
 void gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                          const float *weight, int cout, int k, int stride, int pad,
                          const float *dy, float *dx, float *dweight, float *dbias, float *work);

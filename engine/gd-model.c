@@ -918,16 +918,16 @@ gd_model_load (const char *path, GError **error)
 
 /* ---- layer forward and backward ---- */
 
-/* A convolution's weight ([cout, cin k k]) in bfloat16, or its transpose, packed at first use. */
+/* A convolution's weight in bfloat16, packed at first use for the forward pass or
+ * (transposed) for the input gradient. */
 static GdBf16Matrix *
 bf16_weight (GdModel *m, const Conv *c, gboolean transposed)
 {
   GdBf16Matrix *packed = g_hash_table_lookup (m->bf16_weights[transposed], c->weight);
   if (!packed)
     {
-      int depth = c->cin * c->k * c->k;
-      packed = transposed ? gd_bf16_matrix_new (TRUE, depth, c->cout, c->weight->data, depth)
-                          : gd_bf16_matrix_new (FALSE, c->cout, depth, c->weight->data, depth);
+      packed = gd_conv2d_bf16_weight (transposed, c->weight->data, c->cout, c->cin, c->k,
+                                      c->stride, c->pad);
       g_hash_table_insert (m->bf16_weights[transposed], c->weight, packed);
     }
   return packed;

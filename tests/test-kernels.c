@@ -593,21 +593,13 @@ test_gemm_bf16 (void)
   g_assert_true (isnan (gd_bf16_round (NAN)));
 }
 
-/* bf16 convolutions over more than one band of input channels (160 channels at 64x64: a
- * band of 96 and one of 64), forward and input gradient, against the float convolution of
- * the same bf16-rounded input, weights and output gradient: only the float sums may
- * differ.  The input gradient reads the transposed weights from row 96 on. */
+/* One bf16 convolution, forward and input gradient, against the float convolution of the
+ * same bf16-rounded input, weights and output gradient: only the float sums may differ. */
 static void
-test_conv_bf16_bands (void)
+check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
 {
-  if (!gd_bf16_kernel ())
-    {
-      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
-      g_test_skip ("this processor has no bf16 product");
-      return;
-    }
-  const int n = 2, cin = 160, cout = 40, h = 64, w = 64, k = 3;
-  size_t in = (size_t) n * cin * h * w, out = (size_t) n * cout * h * w, depth = (size_t) cin * k * k;
+  int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
+  size_t in = (size_t) n * cin * h * w, out = (size_t) n * cout * ho * wo, depth = (size_t) cin * k * k;
   float *x = random_buffer (in, 1.0f), *weight = random_buffer (cout * depth, 0.05f);
   float *bias = random_buffer (cout, 0.1f), *dy = random_buffer (out, 1.0f);
   for (size_t i = 0; i < in; i++)
@@ -616,22 +608,24 @@ test_conv_bf16_bands (void)
     weight[i] = gd_bf16_round (weight[i]);
   for (size_t i = 0; i < out; i++)
     dy[i] = gd_bf16_round (dy[i]);
-  float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, k, 1, 1));
+  float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, k, stride, pad));
   float *exact = g_new (float, MAX (in, out)), *got = g_new (float, MAX (in, out));
-  GdBf16Matrix *packed = gd_bf16_matrix_new (FALSE, cout, depth, weight, depth);
-  GdBf16Matrix *packed_t = gd_bf16_matrix_new (TRUE, depth, cout, weight, depth);
+  GdBf16Matrix *packed = gd_conv2d_bf16_weight (FALSE, weight, cout, cin, k, stride, pad);
+  GdBf16Matrix *packed_t = gd_conv2d_bf16_weight (TRUE, weight, cout, cin, k, stride, pad);
   for (int pass = 0; pass < 2; pass++)
     {
       size_t count = pass ? in : out;
       if (pass == 0)
         {
-          gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, k, 1, 1, exact, work);
-          gd_conv2d_forward_bf16 (x, n, cin, h, w, packed, bias, cout, k, 1, 1, got, work);
+          gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, k, stride, pad, exact, work);
+          gd_conv2d_forward_bf16 (x, n, cin, h, w, packed, bias, cout, k, stride, pad, got, work);
         }
       else
         {
-          gd_conv2d_backward (x, n, cin, h, w, weight, cout, k, 1, 1, dy, exact, NULL, NULL, work);
-          gd_conv2d_input_gradient_bf16 (dy, n, cin, h, w, packed_t, cout, k, 1, 1, got, work);
+          gd_conv2d_backward (x, n, cin, h, w, weight, cout, k, stride, pad, dy, exact, NULL,
+                              NULL, work);
+          gd_conv2d_input_gradient_bf16 (dy, n, cin, h, w, packed_t, cout, k, stride, pad, got,
+                                         work);
         }
       double worst = 0.0, largest = 0.0;
       for (size_t i = 0; i < count; i++)
@@ -639,7 +633,8 @@ test_conv_bf16_bands (void)
           worst = MAX (worst, fabs (got[i] - exact[i]));
           largest = MAX (largest, fabs (exact[i]));
         }
-      g_test_message ("bf16 %s over two bands: largest difference %.2e of the largest value",
+      g_test_message ("bf16 %dx%d conv, stride %d, %d -> %d channels at %dx%d, %s: largest "
+                      "difference %.2e of the largest value", k, k, stride, cin, cout, h, w,
                       pass ? "input gradient" : "forward", worst / largest);
       g_assert_cmpfloat (largest, >, 0.0);
       g_assert_cmpfloat (worst, <=, 1e-5 * largest);
@@ -655,6 +650,27 @@ test_conv_bf16_bands (void)
   g_free (got);
 }
 
+/* bf16 convolutions of every kind the models have: 3x3 with stride 1 (columns packed from
+ * the image: wide and narrow images, odd sizes, more than one block of 256 columns),
+ * stride 2 over two bands of input channels (160 channels at 64x64: 96 and 64; the input
+ * gradient reads the transposed weights from row 96 on), and 1x1. */
+static void
+test_conv_bf16 (void)
+{
+  if (!gd_bf16_kernel ())
+    {
+      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
+      g_test_skip ("this processor has no bf16 product");
+      return;
+    }
+  check_conv_bf16 (2, 160, 40, 64, 64, 3, 1, 1);
+  check_conv_bf16 (1, 40, 24, 8, 8, 3, 1, 1);
+  check_conv_bf16 (3, 7, 5, 5, 13, 3, 1, 1);
+  check_conv_bf16 (1, 3, 64, 17, 31, 3, 1, 1);
+  check_conv_bf16 (2, 160, 40, 64, 64, 3, 2, 1);
+  check_conv_bf16 (2, 64, 40, 16, 16, 1, 1, 0);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -663,7 +679,7 @@ main (int argc, char **argv)
   g_test_add_func ("/kernels/blas-core", test_blas_core);
   g_test_add_func ("/kernels/exp", test_exp);
   g_test_add_func ("/kernels/bf16/gemm", test_gemm_bf16);
-  g_test_add_func ("/kernels/bf16/conv-bands", test_conv_bf16_bands);
+  g_test_add_func ("/kernels/bf16/conv", test_conv_bf16);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);
