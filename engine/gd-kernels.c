@@ -287,79 +287,150 @@ conv_fill_bias (const float *bias, int cout, int spatial, float *y)
  * lands in NCHW without a copy.  One image alone is one product that gd_sgemm cuts into
  * blocks for the threads.  The work buffer holds one image's columns per thread. */
 
+/* One convolution's arguments, for its image-by-image and chunk-by-chunk loops. */
+typedef struct {
+  gboolean input_gradient;
+  const float *from, *weight, *bias;
+  int cin, h, w, cout, k, stride, pad;
+  float *to;
+  const GdBf16Matrix *bf16;
+  /* parameter gradients: n images in chunks, each chunk's partial sums (dW: [chunks]
+   * [cout, depth], or NULL; db: [chunks][cout], or NULL); dx or NULL */
+  const float *x, *dy;
+  float *dx, *partial_w;
+  double *partial_b;
+  int n;
+  /* derived */
+  int spatial, depth, kk, band;
+  size_t image, result, plane;
+  gboolean pointwise;
+} ConvJob;
+
+static ConvJob
+conv_job (int cin, int h, int w, const float *weight, int cout, int k, int stride, int pad)
+{
+  ConvJob job = { .weight = weight, .cin = cin, .h = h, .w = w, .cout = cout, .k = k,
+                  .stride = stride, .pad = pad };
+  job.spatial = conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
+  job.kk = k * k;
+  job.depth = cin * job.kk;
+  job.image = (size_t) cin * h * w;
+  job.result = (size_t) cout * job.spatial;
+  job.plane = (size_t) h * w;
+  job.pointwise = conv_is_pointwise (k, stride, pad);
+  job.band = job.pointwise ? cin : conv_band (cin, k, job.spatial);
+  return job;
+}
+
+/* The columns of thread `lane` in the work buffer (1x1 convolutions read their input as it
+ * is: none). */
+static float *
+conv_columns (const ConvJob *j, float *work, int lane)
+{
+  return j->pointwise ? NULL : work + (size_t) lane * j->band * j->kk * j->spatial;
+}
+
+/* Runs body (job, item, columns) for items 0 .. count - 1, on `lanes` threads taking whole
+ * items.  With one lane no parallel region is opened: the products inside then share out
+ * their own work, and do not start new threads as a region nested in another would at
+ * every call. */
+static void
+conv_items (const ConvJob *job, int count, int lanes, float *work,
+            void (*body) (const ConvJob *, int, float *))
+{
+  if (lanes <= 1)
+    {
+      for (int i = 0; i < count; i++)
+        body (job, i, conv_columns (job, work, 0));
+      return;
+    }
+#pragma omp parallel num_threads (lanes)
+  {
+    float *col = conv_columns (job, work, omp_get_thread_num ());
+#pragma omp for schedule (dynamic)
+    for (int i = 0; i < count; i++)
+      body (job, i, col);
+  }
+}
+
 /* forward: from = x [n, cin, h, w], to = y [n, cout, ho, wo];
  * input gradient: from = dy [n, cout, ho, wo], to = dx [n, cin, h, w] (bias unused). */
+static void
+conv_image (const ConvJob *j, int i, float *col)
+{
+  int cin = j->cin, cout = j->cout, h = j->h, w = j->w, k = j->k, stride = j->stride;
+  int pad = j->pad, spatial = j->spatial, kk = j->kk, depth = j->depth, band = j->band;
+  size_t image = j->image, result = j->result, plane = j->plane;
+  gboolean pointwise = j->pointwise;
+  const float *from = j->from, *weight = j->weight, *bias = j->bias;
+  const GdBf16Matrix *bf16 = j->bf16;
+  float *to = j->to;
+  if (bf16 && conv_is_3x3_same (k, stride, pad))
+    {
+      /* the columns are packed from the image as the product reads them; the input
+       * gradient is a convolution of dy with the flipped, transposed weights */
+      if (j->input_gradient)
+        gd_gemm_bf16_conv3x3 (bf16, 0, cin, from + i * result, cout, h, w, 0.0f,
+                              to + i * image, spatial);
+      else
+        {
+          conv_fill_bias (bias, cout, spatial, to + i * result);
+          gd_gemm_bf16_conv3x3 (bf16, 0, cout, from + i * image, cin, h, w,
+                                bias ? 1.0f : 0.0f, to + i * result, spatial);
+        }
+      return;
+    }
+  if (j->input_gradient)
+    {
+      /* dcol = W^T dy, then summed back onto the pixels it was read from, a band of
+       * input channels at a time */
+      float *dxi = to + i * image;
+      for (int c0 = 0; c0 < cin; c0 += band)
+        {
+          int cb = MIN (band, cin - c0);
+          if (bf16)   /* W^T packed: rows of the band */
+            gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, 0, cout, spatial, from + i * result,
+                                 spatial, 0.0f, pointwise ? dxi : col, spatial);
+          else
+            gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
+                      weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
+                      pointwise ? dxi : col, spatial);
+          if (!pointwise)
+            col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
+        }
+      return;
+    }
+  const float *xi = from + i * image;
+  float *yi = to + i * result;
+  float beta = bias ? 1.0f : 0.0f;
+  conv_fill_bias (bias, cout, spatial, yi);
+  for (int c0 = 0; c0 < cin; c0 += band)
+    {
+      int cb = MIN (band, cin - c0);
+      if (!pointwise)
+        im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
+      if (bf16)
+        gd_gemm_bf16_packed (bf16, 0, cout, c0 * kk, cb * kk, spatial, pointwise ? xi : col,
+                             spatial, c0 == 0 ? beta : 1.0f, yi, spatial);
+      else
+        gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
+                  weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
+                  c0 == 0 ? beta : 1.0f, yi, spatial);
+    }
+}
+
 static void
 conv_per_image (gboolean input_gradient, const float *from, int n, int cin, int h, int w,
                 const float *weight, const float *bias, int cout, int k, int stride, int pad,
                 float *to, float *work, const GdBf16Matrix *bf16)
 {
-  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
-  int spatial = ho * wo, depth = cin * k * k, kk = k * k;
-  size_t image = (size_t) cin * h * w, result = (size_t) cout * spatial, plane = (size_t) h * w;
-  gboolean pointwise = conv_is_pointwise (k, stride, pad);
-  int band = pointwise ? cin : conv_band (cin, k, spatial);
-#pragma omp parallel num_threads (conv_lanes (n))
-  {
-    /* 1x1 convolutions read their input as it is: no columns */
-    float *col = pointwise ? NULL : work + (size_t) omp_get_thread_num () * band * kk * spatial;
-#pragma omp for schedule (dynamic)
-    for (int i = 0; i < n; i++)
-      {
-        if (bf16 && conv_is_3x3_same (k, stride, pad))
-          {
-            /* the columns are packed from the image as the product reads them; the input
-             * gradient is a convolution of dy with the flipped, transposed weights */
-            if (input_gradient)
-              gd_gemm_bf16_conv3x3 (bf16, 0, cin, from + i * result, cout, h, w, 0.0f,
-                                    to + i * image, spatial);
-            else
-              {
-                conv_fill_bias (bias, cout, spatial, to + i * result);
-                gd_gemm_bf16_conv3x3 (bf16, 0, cout, from + i * image, cin, h, w,
-                                      bias ? 1.0f : 0.0f, to + i * result, spatial);
-              }
-            continue;
-          }
-        if (input_gradient)
-          {
-            /* dcol = W^T dy, then summed back onto the pixels it was read from, a band of
-             * input channels at a time */
-            float *dxi = to + i * image;
-            for (int c0 = 0; c0 < cin; c0 += band)
-              {
-                int cb = MIN (band, cin - c0);
-                if (bf16)   /* W^T packed: rows of the band */
-                  gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, 0, cout, spatial, from + i * result,
-                                       spatial, 0.0f, pointwise ? dxi : col, spatial);
-                else
-                  gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
-                            weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
-                            pointwise ? dxi : col, spatial);
-                if (!pointwise)
-                  col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
-              }
-            continue;
-          }
-        const float *xi = from + i * image;
-        float *yi = to + i * result;
-        float beta = bias ? 1.0f : 0.0f;
-        conv_fill_bias (bias, cout, spatial, yi);
-        for (int c0 = 0; c0 < cin; c0 += band)
-          {
-            int cb = MIN (band, cin - c0);
-            if (!pointwise)
-              im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
-            if (bf16)
-              gd_gemm_bf16_packed (bf16, 0, cout, c0 * kk, cb * kk, spatial, pointwise ? xi : col,
-                                   spatial, c0 == 0 ? beta : 1.0f, yi, spatial);
-            else
-              gd_sgemm (CblasNoTrans, CblasNoTrans, cout, spatial, cb * kk, 1.0f,
-                        weight + (size_t) c0 * kk, depth, pointwise ? xi : col, spatial,
-                        c0 == 0 ? beta : 1.0f, yi, spatial);
-          }
-      }
-  }
+  ConvJob job = conv_job (cin, h, w, weight, cout, k, stride, pad);
+  job.input_gradient = input_gradient;
+  job.from = from;
+  job.bias = bias;
+  job.to = to;
+  job.bf16 = bf16;
+  conv_items (&job, n, conv_lanes (n), work, conv_image);
 }
 
 void
@@ -407,13 +478,59 @@ gd_conv2d_input_gradient_bf16 (const float *dy, int n, int cin, int h, int w,
   conv_per_image (TRUE, dy, n, cin, h, w, NULL, NULL, cout, k, stride, pad, dx, work, weight_t);
 }
 
+/* The parameter gradients (and dx) of chunk c of the images, into the chunk's partial sums */
+static void
+conv_gradient_chunk (const ConvJob *j, int c, float *col)
+{
+  int cin = j->cin, cout = j->cout, h = j->h, w = j->w, k = j->k, stride = j->stride;
+  int pad = j->pad, spatial = j->spatial, kk = j->kk, depth = j->depth, band = j->band;
+  size_t plane = j->plane, weights = (size_t) cout * depth;
+  gboolean pointwise = j->pointwise;
+  for (int i = c * GRADIENT_CHUNK; i < MIN (j->n, (c + 1) * GRADIENT_CHUNK); i++)
+    {
+      const float *xi = j->x + i * j->image, *dyi = j->dy + i * j->result;
+      if (j->partial_b)
+        for (int co = 0; co < cout; co++)
+          {
+            double sum = 0.0;
+            const float *row = dyi + (size_t) co * spatial;
+#pragma omp simd reduction(+ : sum)
+            for (int q = 0; q < spatial; q++)
+              sum += row[q];
+            j->partial_b[(size_t) c * cout + co] += sum;
+          }
+      /* a band of input channels at a time: its columns, their part of dW, then dcol
+       * = W^T dy in the columns that dW no longer needs, summed back onto the pixels */
+      for (int c0 = 0; c0 < cin; c0 += band)
+        {
+          int cb = MIN (band, cin - c0);
+          if (j->partial_w)
+            {
+              if (!pointwise)
+                im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
+              gd_sgemm (CblasNoTrans, CblasTrans, cout, cb * kk, spatial, 1.0f, dyi, spatial,
+                        pointwise ? xi : col, spatial, i == c * GRADIENT_CHUNK ? 0.0f : 1.0f,
+                        j->partial_w + (size_t) c * weights + (size_t) c0 * kk, depth);
+            }
+          if (j->dx)
+            {
+              float *dxi = j->dx + i * j->image;
+              gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
+                        j->weight + (size_t) c0 * kk, depth, dyi, spatial, 0.0f,
+                        pointwise ? dxi : col, spatial);
+              if (!pointwise)
+                col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
+            }
+        }
+    }
+}
+
 void
 gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                     const float *weight, int cout, int k, int stride, int pad,
                     const float *dy, float *dx, float *dweight, float *dbias, float *work)
 {
-  int ho = conv_out_size (h, k, stride, pad), wo = conv_out_size (w, k, stride, pad);
-  int spatial = ho * wo, depth = cin * k * k;
+  int depth = cin * k * k;
   if (dx && !dweight && !dbias)
     {
       conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work, NULL);
@@ -422,56 +539,18 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
   /* Parameter gradients: images in fixed chunks, each chunk summed by one thread into its
    * own partial sums (image by image, the columns of one image in the cache), the partial
    * sums then added in chunk order: the same numbers for any thread count. */
-  gboolean pointwise = conv_is_pointwise (k, stride, pad);
-  int kk = k * k, band = pointwise ? cin : conv_band (cin, k, spatial);
-  size_t plane = (size_t) h * w;
+  ConvJob job = conv_job (cin, h, w, weight, cout, k, stride, pad);
   int chunks = (n + GRADIENT_CHUNK - 1) / GRADIENT_CHUNK;
   size_t weights = (size_t) cout * depth;
-  float *partial_w = dweight ? g_new (float, (size_t) chunks * weights) : NULL;
-  double *partial_b = dbias ? g_new0 (double, (size_t) chunks * cout) : NULL;
-#pragma omp parallel num_threads (conv_lanes (chunks))
-  {
-    float *col = pointwise ? NULL : work + (size_t) omp_get_thread_num () * band * kk * spatial;
-#pragma omp for schedule (dynamic)
-    for (int c = 0; c < chunks; c++)
-      for (int i = c * GRADIENT_CHUNK; i < MIN (n, (c + 1) * GRADIENT_CHUNK); i++)
-        {
-          const float *xi = x + (size_t) i * cin * h * w, *dyi = dy + (size_t) i * cout * spatial;
-          if (dbias)
-            for (int co = 0; co < cout; co++)
-              {
-                double sum = 0.0;
-                const float *row = dyi + (size_t) co * spatial;
-#pragma omp simd reduction(+ : sum)
-                for (int q = 0; q < spatial; q++)
-                  sum += row[q];
-                partial_b[(size_t) c * cout + co] += sum;
-              }
-          /* a band of input channels at a time: its columns, their part of dW, then dcol
-           * = W^T dy in the columns that dW no longer needs, summed back onto the pixels */
-          for (int c0 = 0; c0 < cin; c0 += band)
-            {
-              int cb = MIN (band, cin - c0);
-              if (dweight)
-                {
-                  if (!pointwise)
-                    im2col (xi + c0 * plane, cb, h, w, k, stride, pad, col, spatial);
-                  gd_sgemm (CblasNoTrans, CblasTrans, cout, cb * kk, spatial, 1.0f, dyi, spatial,
-                            pointwise ? xi : col, spatial, i == c * GRADIENT_CHUNK ? 0.0f : 1.0f,
-                            partial_w + (size_t) c * weights + (size_t) c0 * kk, depth);
-                }
-              if (dx)
-                {
-                  float *dxi = dx + (size_t) i * cin * plane;
-                  gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
-                            weight + (size_t) c0 * kk, depth, dyi, spatial, 0.0f,
-                            pointwise ? dxi : col, spatial);
-                  if (!pointwise)
-                    col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
-                }
-            }
-        }
-  }
+  job.x = x;
+  job.dy = dy;
+  job.dx = dx;
+  job.n = n;
+  job.partial_w = dweight ? g_new (float, (size_t) chunks * weights) : NULL;
+  job.partial_b = dbias ? g_new0 (double, (size_t) chunks * cout) : NULL;
+  conv_items (&job, chunks, conv_lanes (chunks), work, conv_gradient_chunk);
+  float *partial_w = job.partial_w;
+  double *partial_b = job.partial_b;
   for (int c = 0; c < chunks; c++)
     {
       if (dweight)
