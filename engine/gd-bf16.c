@@ -108,6 +108,15 @@ round_up (int x, int to)
   return (x + to - 1) / to * to;
 }
 
+/* Where b comes from: a row-major float matrix, or the columns of a 3x3 convolution
+ * (stride 1, padding 1) read straight from its image [k / 9][h][w]. */
+typedef struct {
+  const float *b;
+  int ldb;
+  const float *image;
+  int h, w;
+} Source;
+
 #if defined(__x86_64__)
 /* op(a) as [mp][kp] bfloat16, zero-filled */
 __attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
@@ -130,15 +139,6 @@ pack_a (gboolean trans, int m, int k, const float *a, int lda, int mp, int kp, u
           }
     }
 }
-
-/* Where b comes from: a row-major float matrix, or the columns of a 3x3 convolution
- * (stride 1, padding 1) read straight from its image [k / 9][h][w]. */
-typedef struct {
-  const float *b;
-  int ldb;
-  const float *image;
-  int h, w;
-} Source;
 
 /* word 2j of the result: the first row's column j; word 2j + 1: the second row's */
 static const uint16_t interleave[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
@@ -186,7 +186,9 @@ image_row (const Source *s, int q, int p, __mmask16 mask)
   ptrdiff_t at = p + (ptrdiff_t) (q % 9 / 3 - 1) * s->w + (q % 3 - 1);
   if (at >= 0 && at + 16 <= (ptrdiff_t) plane)
     return _mm512_maskz_loadu_ps (mask, channel + at);
-  /* at the channel's first or last row: only the masked-in values are read */
+  /* near the channel's first or last row the 16 addresses reach outside the channel: the
+   * masked load would not fault there, but the pointer itself would lie outside the
+   * array, so the values are read one by one, only the masked-in ones */
   float values[16];
   for (int l = 0; l < 16; l++)
     values[l] = mask >> l & 1 ? channel[at + l] : 0.0f;

@@ -15,7 +15,8 @@ void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                         int k, int stride, int pad, float *y, float *work);
 /* The same with the products in bfloat16 with float sums (gd-bf16.h), weight packed once by
  * gd_conv2d_bf16_weight (FALSE, ...).  3x3 convolutions with stride 1 and padding 1 pack
- * their columns from the image as the product goes and leave work unused. */
+ * their columns from the image as the product goes and leave work unused (here and in
+ * gd_conv2d_input_gradient_bf16). */
 typedef struct GdBf16Matrix GdBf16Matrix;
 void gd_conv2d_forward_bf16 (const float *x, int n, int cin, int h, int w,
                              const GdBf16Matrix *weight, const float *bias, int cout,

@@ -596,12 +596,13 @@ test_gemm_bf16 (void)
 /* One bf16 convolution, forward and input gradient, against the float convolution of the
  * same bf16-rounded input, weights and output gradient: only the float sums may differ. */
 static void
-check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
+check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int pad,
+                 gboolean with_bias)
 {
   int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
   size_t in = (size_t) n * cin * h * w, out = (size_t) n * cout * ho * wo, depth = (size_t) cin * k * k;
   float *x = random_buffer (in, 1.0f), *weight = random_buffer (cout * depth, 0.05f);
-  float *bias = random_buffer (cout, 0.1f), *dy = random_buffer (out, 1.0f);
+  float *bias = with_bias ? random_buffer (cout, 0.1f) : NULL, *dy = random_buffer (out, 1.0f);
   for (size_t i = 0; i < in; i++)
     x[i] = gd_bf16_round (x[i]);
   for (size_t i = 0; i < cout * depth; i++)
@@ -633,9 +634,10 @@ check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int 
           worst = MAX (worst, fabs (got[i] - exact[i]));
           largest = MAX (largest, fabs (exact[i]));
         }
-      g_test_message ("bf16 %dx%d conv, stride %d, %d -> %d channels at %dx%d, %s: largest "
+      g_test_message ("bf16 %dx%d conv, stride %d, %d -> %d channels at %dx%d, %s%s: largest "
                       "difference %.2e of the largest value", k, k, stride, cin, cout, h, w,
-                      pass ? "input gradient" : "forward", worst / largest);
+                      pass ? "input gradient" : "forward", with_bias ? "" : " (no bias)",
+                      worst / largest);
       g_assert_cmpfloat (largest, >, 0.0);
       g_assert_cmpfloat (worst, <=, 1e-5 * largest);
     }
@@ -651,9 +653,10 @@ check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int 
 }
 
 /* bf16 convolutions of every kind the models have: 3x3 with stride 1 (columns packed from
- * the image: wide and narrow images, odd sizes, more than one block of 256 columns),
- * stride 2 over two bands of input channels (160 channels at 64x64: 96 and 64; the input
- * gradient reads the transposed weights from row 96 on), and 1x1. */
+ * the image: wide and narrow images, odd sizes, more than one block of 256 columns, images
+ * of fewer than 16 pixels, no bias), stride 2 over two bands of input channels (160
+ * channels, 64x64 output: bands of 96 and 64; the input gradient reads the transposed
+ * weights from row 96 on), and 1x1. */
 static void
 test_conv_bf16 (void)
 {
@@ -663,12 +666,16 @@ test_conv_bf16 (void)
       g_test_skip ("this processor has no bf16 product");
       return;
     }
-  check_conv_bf16 (2, 160, 40, 64, 64, 3, 1, 1);
-  check_conv_bf16 (1, 40, 24, 8, 8, 3, 1, 1);
-  check_conv_bf16 (3, 7, 5, 5, 13, 3, 1, 1);
-  check_conv_bf16 (1, 3, 64, 17, 31, 3, 1, 1);
-  check_conv_bf16 (2, 160, 40, 64, 64, 3, 2, 1);
-  check_conv_bf16 (2, 64, 40, 16, 16, 1, 1, 0);
+  check_conv_bf16 (2, 160, 40, 64, 64, 3, 1, 1, TRUE);
+  check_conv_bf16 (1, 40, 24, 8, 8, 3, 1, 1, TRUE);
+  check_conv_bf16 (3, 7, 5, 5, 13, 3, 1, 1, TRUE);
+  check_conv_bf16 (1, 3, 64, 17, 31, 3, 1, 1, FALSE);
+  const int tiny[][2] = { { 1, 1 }, { 2, 2 }, { 3, 3 }, { 1, 20 }, { 20, 1 } };
+  for (size_t i = 0; i < G_N_ELEMENTS (tiny); i++)
+    check_conv_bf16 (2, 40, 8, tiny[i][0], tiny[i][1], 3, 1, 1, TRUE);
+  g_assert_cmpint (gd_conv2d_work_size (160, 8, 1, 128, 128, 3, 2, 1), ==, 96 * 9 * 64 * 64);
+  check_conv_bf16 (1, 160, 8, 128, 128, 3, 2, 1, TRUE);
+  check_conv_bf16 (2, 64, 40, 16, 16, 1, 1, 0, TRUE);
 }
 
 int
