@@ -30,7 +30,7 @@ void gd_gemm_bf16_packed (const GdBf16Matrix *a, int i0, int m, int k0, int k, i
 
 /* The same product with b the columns of a 3x3 convolution (stride 1, padding 1) of the
  * image x [channels, h, w]: b[(ci, ky, kx), (oy, ox)] = x[ci, oy + ky - 1, ox + kx - 1],
- * or 0 outside the image; k = 9 channels, n = h w.  The columns are read from x as they
+ * or 0 outside the image; depth 9 x channels, n = h x w.  The columns are read from x as they
  * are packed, never written out in float. */
 void gd_gemm_bf16_conv3x3 (const GdBf16Matrix *a, int i0, int m, const float *x, int channels,
                            int h, int w, float beta, float *c, int ldc);
