@@ -174,24 +174,39 @@ pack_b (int k, const float *b, int ldb, int n0, int nb, int kp, int np, uint16_t
     }
 }
 
-/* 16 values of row q of a 3x3 convolution's columns, from column p on: the image's channel
- * q / 9 shifted by tap q % 9, where mask says which columns read inside the image */
-__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512
-image_row (const Source *s, int q, int p, __mmask16 mask)
+/* One row q of a 3x3 convolution's columns: the image's channel q / 9 read shifted by tap
+ * q % 9 (`shift` elements further on), zeros past the depth k. */
+typedef struct {
+  const float *channel;
+  ptrdiff_t shift;
+  int tap;
+} ImageRow;
+
+static ImageRow
+image_row (const Source *s, int k, int q)
 {
-  if (!mask)
+  if (q >= k)
+    return (ImageRow) { NULL, 0, 0 };
+  int tap = q % 9;
+  return (ImageRow) { s->image + (size_t) (q / 9) * s->h * s->w,
+                      (ptrdiff_t) (tap / 3 - 1) * s->w + (tap % 3 - 1), tap };
+}
+
+/* 16 values of a row from column p on, where mask says which columns read inside the image */
+__attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512
+image_row_load (const ImageRow *row, ptrdiff_t plane, int p, __mmask16 mask)
+{
+  if (!row->channel || !mask)
     return _mm512_setzero_ps ();
-  size_t plane = (size_t) s->h * s->w;
-  const float *channel = s->image + (size_t) (q / 9) * plane;
-  ptrdiff_t at = p + (ptrdiff_t) (q % 9 / 3 - 1) * s->w + (q % 3 - 1);
-  if (at >= 0 && at + 16 <= (ptrdiff_t) plane)
-    return _mm512_maskz_loadu_ps (mask, channel + at);
+  ptrdiff_t at = p + row->shift;
+  if (at >= 0 && at + 16 <= plane)
+    return _mm512_maskz_loadu_ps (mask, row->channel + at);
   /* near the channel's first or last row the 16 addresses reach outside the channel: the
    * masked load would not fault there, but the pointer itself would lie outside the
    * array, so the values are read one by one, only the masked-in ones */
   float values[16];
   for (int l = 0; l < 16; l++)
-    values[l] = mask >> l & 1 ? channel[at + l] : 0.0f;
+    values[l] = mask >> l & 1 ? row->channel[at + l] : 0.0f;
   return _mm512_loadu_ps (values);
 }
 
@@ -214,16 +229,15 @@ pack_b_image (int k, const Source *s, int n0, int nb, int kp, int np, uint16_t *
           }
         inside[tap][g] = (__mmask16) mask;
       }
+  ptrdiff_t plane = (ptrdiff_t) s->h * s->w;
   for (int r = 0; r < kp / 2; r++)
     {
-      int q0 = 2 * r, q1 = 2 * r + 1;
+      ImageRow row0 = image_row (s, k, 2 * r), row1 = image_row (s, k, 2 * r + 1);
       uint16_t *dst = bp + (size_t) r * np * 2;
       for (int j = 0; j < np; j += 16)
-        {
-          __m512 lo = q0 < k ? image_row (s, q0, n0 + j, inside[q0 % 9][j / 16]) : _mm512_setzero_ps ();
-          __m512 hi = q1 < k ? image_row (s, q1, n0 + j, inside[q1 % 9][j / 16]) : _mm512_setzero_ps ();
-          store_pairs (dst + 2 * j, lo, hi);
-        }
+        store_pairs (dst + 2 * j,
+                     image_row_load (&row0, plane, n0 + j, inside[row0.tap][j / 16]),
+                     image_row_load (&row1, plane, n0 + j, inside[row1.tap][j / 16]));
     }
 }
 

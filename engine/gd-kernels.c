@@ -530,7 +530,6 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                     const float *weight, int cout, int k, int stride, int pad,
                     const float *dy, float *dx, float *dweight, float *dbias, float *work)
 {
-  int depth = cin * k * k;
   if (dx && !dweight && !dbias)
     {
       conv_per_image (TRUE, dy, n, cin, h, w, weight, NULL, cout, k, stride, pad, dx, work, NULL);
@@ -541,7 +540,7 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
    * sums then added in chunk order: the same numbers for any thread count. */
   ConvJob job = conv_job (cin, h, w, weight, cout, k, stride, pad);
   int chunks = (n + GRADIENT_CHUNK - 1) / GRADIENT_CHUNK;
-  size_t weights = (size_t) cout * depth;
+  size_t weights = (size_t) cout * job.depth;
   job.x = x;
   job.dy = dy;
   job.dx = dx;
