@@ -19,9 +19,11 @@ void gd_parallel_prefer_sleeping_threads (char **argv);
 void gd_parallel_init (void);
 int gd_parallel_threads (void);
 
-/* Floating-point operations (2 m n k per product) of every matrix product so far. */
+/* Floating-point operations (2 m n k per product) of every matrix product so far; a
+ * Winograd convolution counts as the product of the direct convolution it replaces. */
 guint64 gd_sgemm_flops (void);
-/* Adds an m x n x k product done outside gd_sgemm (the bf16 products) to that count. */
+/* Adds an m x n x k product done outside gd_sgemm (the bf16 products, the Winograd
+ * convolutions) to that count. */
 void gd_count_product (int m, int n, int k);
 
 /* cblas_sgemm (row-major) computed as fixed blocks of rows or columns in parallel. */

@@ -84,9 +84,9 @@ conv_loss (void *p)
 }
 
 static void
-check_conv (int k, int stride, int pad)
+check_conv (int k, int stride, int pad, int h, int w)
 {
-  ConvCase c = { .n = 2, .cin = 3, .h = 6, .w = 5, .cout = 4, .k = k, .stride = stride, .pad = pad };
+  ConvCase c = { .n = 2, .cin = 3, .h = h, .w = w, .cout = 4, .k = k, .stride = stride, .pad = pad };
   c.ho = (c.h + 2 * pad - k) / stride + 1;
   c.wo = (c.w + 2 * pad - k) / stride + 1;
   size_t xs = (size_t) c.n * c.cin * c.h * c.w, ws = (size_t) c.cout * c.cin * k * k;
@@ -107,9 +107,67 @@ check_conv (int k, int stride, int pad)
   g_free (dx); g_free (dw); g_free (db);
 }
 
-static void test_conv3x3 (void) { check_conv (3, 1, 1); }
-static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1); }
-static void test_conv1x1 (void) { check_conv (1, 1, 0); }
+static void test_conv3x3 (void) { check_conv (3, 1, 1, 6, 5); }
+static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1, 6, 5); }
+static void test_conv1x1 (void) { check_conv (1, 1, 0, 6, 5); }
+
+/* with dx the Winograd way and the parameter gradients by im2col */
+static void
+test_conv3x3_winograd_gradients (void)
+{
+  g_assert_true (gd_conv2d_winograd (2, 12, 11, 3, 1, 1));
+  check_conv (3, 1, 1, 12, 11);
+}
+
+/* The textbook sums of a convolution in double: y (with bias) and the input gradient of dy,
+ * each with the sum of its terms' magnitudes (the scale of any rounding error). */
+typedef struct {
+  double *y, *y_scale, *dx, *dx_scale;
+} Textbook;
+
+static Textbook
+textbook_conv (const float *x, int n, int cin, int h, int w, const float *weight,
+               const float *bias, int cout, int k, int stride, int pad, const float *dy)
+{
+  int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
+  size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * ho * wo;
+  Textbook t = { g_new0 (double, ys), g_new0 (double, ys), g_new0 (double, xs),
+                 g_new0 (double, xs) };
+  for (int i = 0; i < n; i++)
+    for (int co = 0; co < cout; co++)
+      for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < wo; ox++)
+          {
+            size_t out = (((size_t) i * cout + co) * ho + oy) * wo + ox;
+            double sum = bias ? bias[co] : 0.0, scale = fabs (sum), g = dy[out];
+            for (int ci = 0; ci < cin; ci++)
+              for (int ky = 0; ky < k; ky++)
+                for (int kx = 0; kx < k; kx++)
+                  {
+                    int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
+                    if (iy < 0 || iy >= h || ix < 0 || ix >= w)
+                      continue;
+                    double wv = weight[(((size_t) co * cin + ci) * k + ky) * k + kx];
+                    size_t at = (((size_t) i * cin + ci) * h + iy) * w + ix;
+                    sum += wv * x[at];
+                    scale += fabs (wv * x[at]);
+                    t.dx[at] += wv * g;
+                    t.dx_scale[at] += fabs (wv * g);
+                  }
+            t.y[out] = sum;
+            t.y_scale[out] = scale;
+          }
+  return t;
+}
+
+static void
+textbook_free (Textbook *t)
+{
+  g_free (t->y);
+  g_free (t->y_scale);
+  g_free (t->dx);
+  g_free (t->dx_scale);
+}
 
 /* Convolutions against the textbook sums, on shapes down to one pixel (the 3x3 fast path
  * shifts whole channels, so image edges and 1-wide images are where it could go wrong):
@@ -126,39 +184,64 @@ test_conv_direct (void)
         int k = kinds[q][0], stride = kinds[q][1], pad = kinds[q][2];
         int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
         size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * ho * wo;
+        g_assert_false (gd_conv2d_winograd (n, h, w, k, stride, pad));
         float *x = random_buffer (xs, 1), *weight = random_buffer ((size_t) cout * cin * k * k, 0.5f);
         float *bias = random_buffer (cout, 0.5f), *dy = random_buffer (ys, 1);
         float *y = g_new (float, ys), *dx = g_new (float, xs);
         float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, k, stride, pad));
         gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work);
         gd_conv2d_backward (x, n, cin, h, w, weight, cout, k, stride, pad, dy, dx, NULL, NULL, work);
-        double *want_dx = g_new0 (double, xs);
-        for (int i = 0; i < n; i++)
-          for (int co = 0; co < cout; co++)
-            for (int oy = 0; oy < ho; oy++)
-              for (int ox = 0; ox < wo; ox++)
-                {
-                  double sum = bias[co];
-                  double g = dy[(((size_t) i * cout + co) * ho + oy) * wo + ox];
-                  for (int ci = 0; ci < cin; ci++)
-                    for (int ky = 0; ky < k; ky++)
-                      for (int kx = 0; kx < k; kx++)
-                        {
-                          int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
-                          if (iy < 0 || iy >= h || ix < 0 || ix >= w)
-                            continue;
-                          double wv = weight[(((size_t) co * cin + ci) * k + ky) * k + kx];
-                          size_t at = (((size_t) i * cin + ci) * h + iy) * w + ix;
-                          sum += wv * x[at];
-                          want_dx[at] += wv * g;
-                        }
-                  g_assert_cmpfloat (fabs (y[(((size_t) i * cout + co) * ho + oy) * wo + ox] - sum), <, 1e-5);
-                }
+        Textbook want = textbook_conv (x, n, cin, h, w, weight, bias, cout, k, stride, pad, dy);
+        for (size_t j = 0; j < ys; j++)
+          g_assert_cmpfloat (fabs (y[j] - want.y[j]), <, 1e-5);
         for (size_t j = 0; j < xs; j++)
-          g_assert_cmpfloat (fabs (dx[j] - want_dx[j]), <, 1e-5);
+          g_assert_cmpfloat (fabs (dx[j] - want.dx[j]), <, 1e-5);
         g_free (x); g_free (weight); g_free (bias); g_free (dy); g_free (y); g_free (dx);
-        g_free (work); g_free (want_dx);
+        g_free (work); textbook_free (&want);
       }
+}
+
+/* Winograd convolutions against the textbook sums: the smallest batch that takes it (one
+ * 16x16 image), odd sizes (tiles reaching past the image), one-row and one-column images,
+ * no bias, and 900 channels over two images, whose tiles go through in chunks of 19 tile
+ * rows (one chunk ends inside the first image, the next runs into the second).  Each value
+ * within 1e-6 of the sum of its terms' magnitudes: float rounding; a wrong transform
+ * misses by far more. */
+static void
+test_conv_winograd (void)
+{
+  const struct { int n, cin, cout, h, w; gboolean bias; } cases[] = {
+    { 1, 5, 7, 16, 16, TRUE }, { 2, 3, 4, 15, 17, TRUE }, { 1, 4, 3, 1, 130, TRUE },
+    { 1, 4, 3, 129, 1, FALSE }, { 3, 6, 2, 9, 11, FALSE }, { 2, 900, 8, 34, 30, TRUE },
+  };
+  g_assert_false (gd_conv2d_winograd (1, 8, 8, 3, 1, 1));
+  g_assert_false (gd_conv2d_winograd (1, 16, 16, 3, 2, 1));
+  g_assert_false (gd_conv2d_winograd (1, 16, 16, 1, 1, 0));
+  for (guint c = 0; c < G_N_ELEMENTS (cases); c++)
+    {
+      int n = cases[c].n, cin = cases[c].cin, cout = cases[c].cout, h = cases[c].h, w = cases[c].w;
+      g_assert_true (gd_conv2d_winograd (n, h, w, 3, 1, 1));
+      size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * h * w;
+      float *x = random_buffer (xs, 1), *weight = random_buffer ((size_t) cout * cin * 9, 0.5f);
+      float *bias = cases[c].bias ? random_buffer (cout, 0.5f) : NULL, *dy = random_buffer (ys, 1);
+      float *y = g_new (float, ys), *dx = g_new (float, xs);
+      float *work = g_new (float, gd_conv2d_work_size (cin, cout, n, h, w, 3, 1, 1));
+      gd_conv2d_forward (x, n, cin, h, w, weight, bias, cout, 3, 1, 1, y, work);
+      gd_conv2d_backward (x, n, cin, h, w, weight, cout, 3, 1, 1, dy, dx, NULL, NULL, work);
+      Textbook want = textbook_conv (x, n, cin, h, w, weight, bias, cout, 3, 1, 1, dy);
+      double worst[2] = { 0.0, 0.0 };
+      for (size_t j = 0; j < ys; j++)
+        worst[0] = MAX (worst[0], fabs (y[j] - want.y[j]) / want.y_scale[j]);
+      for (size_t j = 0; j < xs; j++)
+        worst[1] = MAX (worst[1], fabs (dx[j] - want.dx[j]) / want.dx_scale[j]);
+      g_test_message ("Winograd, %d image(s), %d -> %d channels at %dx%d%s: largest difference "
+                      "%.2e (forward), %.2e (input gradient) of the terms' magnitudes",
+                      n, cin, cout, h, w, bias ? "" : " (no bias)", worst[0], worst[1]);
+      g_assert_cmpfloat (worst[0], <=, 1e-6);
+      g_assert_cmpfloat (worst[1], <=, 1e-6);
+      g_free (x); g_free (weight); g_free (bias); g_free (dy); g_free (y); g_free (dx);
+      g_free (work); textbook_free (&want);
+    }
 }
 
 /* ---- linear ---- */
@@ -691,6 +774,8 @@ main (int argc, char **argv)
   g_test_add_func ("/kernels/conv3x3-stride2", test_conv3x3_stride2);
   g_test_add_func ("/kernels/conv1x1", test_conv1x1);
   g_test_add_func ("/kernels/conv-direct", test_conv_direct);
+  g_test_add_func ("/kernels/conv-winograd", test_conv_winograd);
+  g_test_add_func ("/kernels/conv3x3-winograd-gradients", test_conv3x3_winograd_gradients);
   g_test_add_func ("/kernels/linear", test_linear);
   g_test_add_func ("/kernels/group-norm", test_group_norm);
   g_test_add_func ("/kernels/scale-shift-and-bias", test_modulation);
