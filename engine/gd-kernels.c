@@ -297,10 +297,13 @@ conv_fill_bias (const float *bias, int cout, int spatial, float *y)
  * WINOGRAD_CHUNK_BYTES.  Every value is computed by one thread in an order that does not
  * depend on the thread count. */
 
-/* Below this many tiles in a batch (one 16x16 image) the filter transform and the narrow
- * products cost more than they save: on the 64x64 U-Net at batch 1, 16x16 still gained
- * and 8x8 lost. */
-#define WINOGRAD_MIN_TILES 64
+/* Where it pays, measured one convolution at a time against im2col on this project's
+ * machine: from 128 tiles in the batch (two 16x16 images: 1.11 times as fast; one 16x16
+ * image, 64 tiles: 0.85 to 1.01; 64x64 and 32x32 at batch 1: 1.45 to 1.66), and with
+ * cin cout >= 4 (cin + cout), as the transforms cost in proportion to cin + cout and the
+ * products save in proportion to cin cout (3 -> 192 channels at 64x64: 0.30; 192 -> 6:
+ * 1.32). */
+#define WINOGRAD_MIN_TILES 128
 #define WINOGRAD_CHUNK_BYTES ((size_t) 16 << 20)
 #define WINOGRAD_XI 16
 
@@ -322,16 +325,17 @@ winograd_plan (int n, int cx, int cy, int h, int w)
 }
 
 static gboolean
-winograd_pays (int n, int h, int w, int k, int stride, int pad)
+winograd_pays (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
 {
   return conv_is_3x3_same (k, stride, pad)
-         && (size_t) n * ((h + 1) / 2) * ((w + 1) / 2) >= WINOGRAD_MIN_TILES;
+         && (size_t) n * ((h + 1) / 2) * ((w + 1) / 2) >= WINOGRAD_MIN_TILES
+         && (gint64) cin * cout >= 4 * ((gint64) cin + cout);
 }
 
 int
-gd_conv2d_winograd (int n, int h, int w, int k, int stride, int pad)
+gd_conv2d_winograd (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
 {
-  return winograd_pays (n, h, w, k, stride, pad);
+  return winograd_pays (n, cin, cout, h, w, k, stride, pad);
 }
 
 /* floats of work: U, then one chunk's V and M */
@@ -521,7 +525,7 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
   size_t spatial = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
   size_t depth = (size_t) conv_band (cin, k, spatial) * k * k;
   size_t columns = (size_t) conv_lanes (n) * depth * spatial;
-  if (!winograd_pays (n, h, w, k, stride, pad))
+  if (!winograd_pays (n, cin, cout, h, w, k, stride, pad))
     return columns;
   /* the parameter gradients still take columns; the forward and input gradient take the
    * larger of the two plans */
@@ -685,7 +689,7 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                    const float *weight, const float *bias, int cout,
                    int k, int stride, int pad, float *y, float *work)
 {
-  if (winograd_pays (n, h, w, k, stride, pad))
+  if (winograd_pays (n, cin, cout, h, w, k, stride, pad))
     winograd_conv (FALSE, x, n, cin, h, w, weight, bias, cout, y, work);
   else
     conv_per_image (FALSE, x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work, NULL);
@@ -780,7 +784,7 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                     const float *weight, int cout, int k, int stride, int pad,
                     const float *dy, float *dx, float *dweight, float *dbias, float *work)
 {
-  if (dx && winograd_pays (n, h, w, k, stride, pad))
+  if (dx && winograd_pays (n, cin, cout, h, w, k, stride, pad))
     {
       /* the input gradient the same with and without parameter gradients */
       winograd_conv (TRUE, dy, n, cin, h, w, weight, NULL, cout, dx, work);

@@ -7,14 +7,14 @@
 #include <stdint.h>
 
 /* Convolution with a square kernel k, zero padding pad, stride stride, as im2col + sgemm
- * image by image, or (3x3, stride 1, padding 1, enough pixels in the batch: see
+ * image by image, or (3x3, stride 1, padding 1, enough pixels in the batch and channels: see
  * gd_conv2d_winograd) as Winograd F(2x2, 3x3) products over the whole batch.
  * weight: [cout, cin, k, k]; bias: [cout] or NULL.
  * Output size: (h + 2 pad - k) / stride + 1.  work: scratch of gd_conv2d_work_size() floats. */
 size_t gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, int pad);
 /* Nonzero when the forward and the input gradient of this shape take the Winograd way (the
  * parameter gradients always take im2col). */
-int gd_conv2d_winograd (int n, int h, int w, int k, int stride, int pad);
+int gd_conv2d_winograd (int n, int cin, int cout, int h, int w, int k, int stride, int pad);
 void gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                         const float *weight, const float *bias, int cout,
                         int k, int stride, int pad, float *y, float *work);

@@ -84,9 +84,10 @@ conv_loss (void *p)
 }
 
 static void
-check_conv (int k, int stride, int pad, int h, int w)
+check_conv (int k, int stride, int pad, int cin, int cout, int h, int w)
 {
-  ConvCase c = { .n = 2, .cin = 3, .h = h, .w = w, .cout = 4, .k = k, .stride = stride, .pad = pad };
+  ConvCase c = { .n = 2, .cin = cin, .h = h, .w = w, .cout = cout, .k = k, .stride = stride,
+                 .pad = pad };
   c.ho = (c.h + 2 * pad - k) / stride + 1;
   c.wo = (c.w + 2 * pad - k) / stride + 1;
   size_t xs = (size_t) c.n * c.cin * c.h * c.w, ws = (size_t) c.cout * c.cin * k * k;
@@ -107,16 +108,16 @@ check_conv (int k, int stride, int pad, int h, int w)
   g_free (dx); g_free (dw); g_free (db);
 }
 
-static void test_conv3x3 (void) { check_conv (3, 1, 1, 6, 5); }
-static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1, 6, 5); }
-static void test_conv1x1 (void) { check_conv (1, 1, 0, 6, 5); }
+static void test_conv3x3 (void) { check_conv (3, 1, 1, 3, 4, 6, 5); }
+static void test_conv3x3_stride2 (void) { check_conv (3, 2, 1, 3, 4, 6, 5); }
+static void test_conv1x1 (void) { check_conv (1, 1, 0, 3, 4, 6, 5); }
 
 /* with dx the Winograd way and the parameter gradients by im2col */
 static void
 test_conv3x3_winograd_gradients (void)
 {
-  g_assert_true (gd_conv2d_winograd (2, 12, 11, 3, 1, 1));
-  check_conv (3, 1, 1, 12, 11);
+  g_assert_true (gd_conv2d_winograd (2, 8, 8, 16, 15, 3, 1, 1));
+  check_conv (3, 1, 1, 8, 8, 16, 15);
 }
 
 /* The textbook sums of a convolution in double: y (with bias) and the input gradient of dy,
@@ -184,7 +185,7 @@ test_conv_direct (void)
         int k = kinds[q][0], stride = kinds[q][1], pad = kinds[q][2];
         int ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
         size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * ho * wo;
-        g_assert_false (gd_conv2d_winograd (n, h, w, k, stride, pad));
+        g_assert_false (gd_conv2d_winograd (n, cin, cout, h, w, k, stride, pad));
         float *x = random_buffer (xs, 1), *weight = random_buffer ((size_t) cout * cin * k * k, 0.5f);
         float *bias = random_buffer (cout, 0.5f), *dy = random_buffer (ys, 1);
         float *y = g_new (float, ys), *dx = g_new (float, xs);
@@ -201,26 +202,29 @@ test_conv_direct (void)
       }
 }
 
-/* Winograd convolutions against the textbook sums: the smallest batch that takes it (one
- * 16x16 image), odd sizes (tiles reaching past the image), one-row and one-column images,
- * no bias, and 900 channels over two images, whose tiles go through in chunks of 19 tile
- * rows (one chunk ends inside the first image, the next runs into the second).  Each value
+/* Winograd convolutions against the textbook sums: the smallest batch and channel counts
+ * that take it (two 16x16 images, 8 -> 8 channels), odd sizes (tiles reaching past the
+ * image), one-row and one-column images, no bias, and 900 channels over two images, whose
+ * tiles go through in chunks of 19 tile rows (one chunk ends inside the first image, the
+ * next runs into the second).  Each value
  * within 1e-6 of the sum of its terms' magnitudes: float rounding; a wrong transform
  * misses by far more. */
 static void
 test_conv_winograd (void)
 {
   const struct { int n, cin, cout, h, w; gboolean bias; } cases[] = {
-    { 1, 5, 7, 16, 16, TRUE }, { 2, 3, 4, 15, 17, TRUE }, { 1, 4, 3, 1, 130, TRUE },
-    { 1, 4, 3, 129, 1, FALSE }, { 3, 6, 2, 9, 11, FALSE }, { 2, 900, 8, 34, 30, TRUE },
+    { 2, 8, 8, 16, 16, TRUE }, { 2, 6, 12, 15, 17, TRUE }, { 1, 8, 8, 1, 256, TRUE },
+    { 1, 8, 8, 255, 1, FALSE }, { 3, 12, 6, 13, 13, FALSE }, { 2, 900, 8, 34, 30, TRUE },
   };
-  g_assert_false (gd_conv2d_winograd (1, 8, 8, 3, 1, 1));
-  g_assert_false (gd_conv2d_winograd (1, 16, 16, 3, 2, 1));
-  g_assert_false (gd_conv2d_winograd (1, 16, 16, 1, 1, 0));
+  g_assert_false (gd_conv2d_winograd (1, 8, 8, 16, 16, 3, 1, 1));     /* 64 tiles */
+  g_assert_false (gd_conv2d_winograd (2, 7, 8, 16, 16, 3, 1, 1));     /* too few channels */
+  g_assert_false (gd_conv2d_winograd (1, 3, 192, 64, 64, 3, 1, 1));
+  g_assert_false (gd_conv2d_winograd (2, 8, 8, 32, 32, 3, 2, 1));
+  g_assert_false (gd_conv2d_winograd (2, 8, 8, 32, 32, 1, 1, 0));
   for (guint c = 0; c < G_N_ELEMENTS (cases); c++)
     {
       int n = cases[c].n, cin = cases[c].cin, cout = cases[c].cout, h = cases[c].h, w = cases[c].w;
-      g_assert_true (gd_conv2d_winograd (n, h, w, 3, 1, 1));
+      g_assert_true (gd_conv2d_winograd (n, cin, cout, h, w, 3, 1, 1));
       size_t xs = (size_t) n * cin * h * w, ys = (size_t) n * cout * h * w;
       float *x = random_buffer (xs, 1), *weight = random_buffer ((size_t) cout * cin * 9, 0.5f);
       float *bias = cases[c].bias ? random_buffer (cout, 0.5f) : NULL, *dy = random_buffer (ys, 1);

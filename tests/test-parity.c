@@ -1,6 +1,7 @@
 /* Parity with the reference implementation: every fixture in unet/ and classifier/
  * reproduced within max |a - b| <= 1e-4 * max(1, max |ref|) for out, logits and grad. */
 #include "gd-bf16.h"
+#include "gd-kernels.h"
 #include "gd-model.h"
 #include "gd-recognize.h"
 #include "gd-safetensors.h"
@@ -245,6 +246,17 @@ test_buffers (void)
   g_free (grad);
 }
 
+/* The 28x28 fixtures (batch 2, 32 channels at full size) are where the reference checks the
+ * float Winograd convolutions: their full-size 3x3 convolutions, forward and (classifier)
+ * input gradient, take that way; the 14x14 ones and the 1-channel input convolution do not. */
+static void
+test_winograd_covered (void)
+{
+  g_assert_true (gd_conv2d_winograd (2, 32, 32, 28, 28, 3, 1, 1));
+  g_assert_false (gd_conv2d_winograd (2, 64, 64, 14, 14, 3, 1, 1));
+  g_assert_false (gd_conv2d_winograd (2, 1, 32, 28, 28, 3, 1, 1));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -266,5 +278,6 @@ main (int argc, char **argv)
       g_free (name);
     }
   g_test_add_func ("/model/buffers", test_buffers);
+  g_test_add_func ("/parity/winograd-covered", test_winograd_covered);
   return g_test_run ();
 }
