@@ -384,40 +384,44 @@ winograd_filters (const float *weight, int cout, int cin, int co, float *u)
 }
 
 /* V of channel c for tile rows [row0, row0 + rows) into v[xi][c][column] (ld columns);
- * scratch: 8 (2 tw + 2) floats.  The four input rows of a tile row, padded with zeros to
- * x = -1 .. 2 tw, are combined as B^T's rows first, then along each tile's four columns. */
+ * scratch: 5 (2 tw + 2) floats, the first 2 tw + 2 zero.  The four input rows of a tile row
+ * (the zero row where they leave the image) are combined as B^T's rows first, padded with
+ * zeros to x = -1 .. 2 tw, then along each tile's four columns. */
 GD_VECTOR_CLONES static void
 winograd_input (const Winograd *g, const float *x, int c, int row0, int rows, float *v,
                 size_t ld, float *scratch)
 {
   int h = g->h, w = g->w, tw = g->tw, wp = 2 * tw + 2;
   size_t plane = (size_t) h * w, stride = (size_t) g->cx * ld;
-  float *d = scratch, *s = scratch + 4 * wp;
+  const float *zero = scratch;
+  float *s = scratch + wp;
   for (int r = 0; r < rows; r++)
     {
       int image = (row0 + r) / g->th, ty = (row0 + r) % g->th;
-      const float *channel = x + ((size_t) image * g->cx + c) * plane;
+      const float *channel = x + ((size_t) image * g->cx + c) * plane, *d[4];
       for (int k = 0; k < 4; k++)
         {
           int y = 2 * ty - 1 + k;
-          float *row = d + k * wp;
-          memset (row, 0, wp * sizeof (float));
-          if (y >= 0 && y < h)
-            memcpy (row + 1, channel + (size_t) y * w, w * sizeof (float));
+          d[k] = y >= 0 && y < h ? channel + (size_t) y * w : zero;
         }
-      for (int p = 0; p < wp; p++)
+      float *s0 = s, *s1 = s + wp, *s2 = s + 2 * wp, *s3 = s + 3 * wp;
+#pragma omp simd
+      for (int p = 0; p < w; p++)
         {
-          s[p] = d[p] - d[2 * wp + p];
-          s[wp + p] = d[wp + p] + d[2 * wp + p];
-          s[2 * wp + p] = d[2 * wp + p] - d[wp + p];
-          s[3 * wp + p] = d[wp + p] - d[3 * wp + p];
+          s0[p + 1] = d[0][p] - d[2][p];
+          s1[p + 1] = d[1][p] + d[2][p];
+          s2[p + 1] = d[2][p] - d[1][p];
+          s3[p + 1] = d[1][p] - d[3][p];
         }
+      for (int p = 0; p < wp; p += p == 0 ? w + 1 : 1)
+        s0[p] = s1[p] = s2[p] = s3[p] = 0.0f;
       float *out = v + (size_t) c * ld + (size_t) r * tw;
       for (int a = 0; a < 4; a++)
         {
           const float *sa = s + a * wp;
           float *o0 = out + (a * 4) * stride, *o1 = o0 + stride, *o2 = o1 + stride,
                 *o3 = o2 + stride;
+#pragma omp simd
           for (int t = 0; t < tw; t++)
             {
               const float *p = sa + 2 * t;
@@ -438,26 +442,31 @@ winograd_output (const Winograd *g, const float *m, size_t ld, int c, int row0, 
 {
   int h = g->h, w = g->w, tw = g->tw;
   size_t plane = (size_t) h * w, stride = (size_t) g->cy * ld;
-  float b = bias ? bias[c] : 0.0f;
+  float offset = bias ? bias[c] : 0.0f;
   float *y0 = scratch, *y1 = scratch + 2 * tw;
   for (int r = 0; r < rows; r++)
     {
       int image = (row0 + r) / g->th, ty = (row0 + r) % g->th;
       const float *mm = m + (size_t) c * ld + (size_t) r * tw;
+#pragma omp simd
       for (int t = 0; t < tw; t++)
         {
-          float s0[4], s1[4];
-          for (int j = 0; j < 4; j++)
-            {
-              float m0 = mm[j * stride + t], m1 = mm[(4 + j) * stride + t];
-              float m2 = mm[(8 + j) * stride + t], m3 = mm[(12 + j) * stride + t];
-              s0[j] = m0 + m1 + m2;
-              s1[j] = m1 - m2 - m3;
-            }
-          y0[2 * t] = s0[0] + s0[1] + s0[2] + b;
-          y0[2 * t + 1] = s0[1] - s0[2] - s0[3] + b;
-          y1[2 * t] = s1[0] + s1[1] + s1[2] + b;
-          y1[2 * t + 1] = s1[1] - s1[2] - s1[3] + b;
+          /* A^T M: rows 0 + 1 + 2 and 1 - 2 - 3 of M, for each of its four columns */
+#define WINOGRAD_M(a, j) mm[((a) * 4 + (j)) * stride + t]
+#define WINOGRAD_SUM(j) (WINOGRAD_M (0, j) + WINOGRAD_M (1, j) + WINOGRAD_M (2, j))
+#define WINOGRAD_DIFFERENCE(j) (WINOGRAD_M (1, j) - WINOGRAD_M (2, j) - WINOGRAD_M (3, j))
+          float a0 = WINOGRAD_SUM (0), a1 = WINOGRAD_SUM (1), a2 = WINOGRAD_SUM (2),
+                a3 = WINOGRAD_SUM (3);
+          float b0 = WINOGRAD_DIFFERENCE (0), b1 = WINOGRAD_DIFFERENCE (1),
+                b2 = WINOGRAD_DIFFERENCE (2), b3 = WINOGRAD_DIFFERENCE (3);
+#undef WINOGRAD_M
+#undef WINOGRAD_SUM
+#undef WINOGRAD_DIFFERENCE
+          /* then times A along each row */
+          y0[2 * t] = a0 + a1 + a2 + offset;
+          y0[2 * t + 1] = a1 - a2 - a3 + offset;
+          y1[2 * t] = b0 + b1 + b2 + offset;
+          y1[2 * t + 1] = b1 - b2 - b3 + offset;
         }
       float *channel = y + ((size_t) image * g->cy + c) * plane;
       memcpy (channel + (size_t) 2 * ty * w, y0, w * sizeof (float));
@@ -482,7 +491,8 @@ winograd_conv (gboolean input_gradient, const float *from, int n, int cin, int h
   gd_count_product (g.cy, n * h * w, g.cx * 9);
 #pragma omp parallel num_threads (lanes) if (lanes > 1 && !omp_in_parallel ())
   {
-    float *scratch = g_new (float, 8 * ((size_t) 2 * g.tw + 2));
+    /* a zero row for the input transform, then the transforms' rows */
+    float *scratch = g_new0 (float, 5 * ((size_t) 2 * g.tw + 2));
 #pragma omp for schedule (static)
     for (int co = 0; co < cout; co++)
       winograd_filters (weight, cout, cin, co, u);
@@ -511,7 +521,7 @@ winograd_conv (gboolean input_gradient, const float *from, int n, int cin, int h
           }
 #pragma omp for schedule (static)
         for (int c = 0; c < g.cy; c++)
-          winograd_output (&g, m, cols, c, row0, rows, bias, to, scratch);
+          winograd_output (&g, m, cols, c, row0, rows, bias, to, scratch + 2 * g.tw + 2);
       }
     g_free (scratch);
   }
