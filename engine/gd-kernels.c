@@ -279,17 +279,19 @@ conv_fill_bias (const float *bias, int cout, int spatial, float *y)
  * each 3x3 filter g to U = G g G^T, sixteen products M[xi] = U[xi] V[xi] (one per element xi
  * of the 4x4 patch; channels are the depth, tiles the columns) sum over the input channels,
  * and A^T M A is the 2x2 output tile.  That is 16 products in place of 36 multiplications
- * per output tile and channel pair: 2.25 times less arithmetic, with numbers within the
- * rounding of the direct sum (the transforms only add, subtract and halve).
+ * per output tile and channel pair: 2.25 times less arithmetic, with errors of a few units of
+ * rounding of the terms' magnitudes, as the direct sum's (the transforms only add, subtract
+ * and halve).
  *
  *   B^T = | 1  0 -1  0 |    G = | 1    0    0   |    A^T = | 1  1  1  0 |
  *         | 0  1  1  0 |        | 1/2  1/2  1/2 |          | 0  1 -1 -1 |
  *         | 0 -1  1  0 |        | 1/2 -1/2  1/2 |
  *         | 0  1  0 -1 |        | 0    0    1   |
  *
- * The input gradient is the convolution of dy with the flipped, transposed filters.  As G
- * times a flipped filter is G with its first and last rows swapped, the flipped filter's
- * U[a][b] is U[s(a)][s(b)] with s swapping 0 and 3, transposed: the same U serves both.
+ * The input gradient is the convolution of dy with the flipped filters, input and output
+ * channels exchanged.  G with its columns reversed (a flipped filter) is G with its rows 0
+ * and 3 swapped, so the flipped filters' transform is U'[a][b][ci][co] = U[s(a)][s(b)][co][ci]
+ * with s swapping 0 and 3: the same U serves both, its channel matrices read transposed.
  *
  * The filters are transformed at every call (a small cost next to the products at the
  * sizes where this is used: U is read once per tile column of the products), and the tiles
@@ -488,7 +490,8 @@ winograd_conv (gboolean input_gradient, const float *from, int n, int cin, int h
   float *u = work, *v = u + (size_t) WINOGRAD_XI * cin * cout;
   float *m = v + (size_t) WINOGRAD_XI * g.cx * columns;
   /* the work the products replace, for the GFLOPS of the benchmark */
-  gd_count_product (g.cy, n * h * w, g.cx * 9);
+  for (int i = 0; i < n; i++)
+    gd_count_product (g.cy, h * w, g.cx * 9);
 #pragma omp parallel num_threads (lanes) if (lanes > 1 && !omp_in_parallel ())
   {
     /* a zero row for the input transform, then the transforms' rows */
@@ -537,10 +540,10 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
   size_t columns = (size_t) conv_lanes (n) * depth * spatial;
   if (!winograd_pays (n, cin, cout, h, w, k, stride, pad))
     return columns;
-  /* the parameter gradients still take columns; the forward and input gradient take the
-   * larger of the two plans */
-  Winograd forward = winograd_plan (n, cin, cout, h, w), backward = winograd_plan (n, cout, cin, h, w);
-  return MAX (columns, MAX (winograd_work_size (&forward), winograd_work_size (&backward)));
+  /* the parameter gradients still take columns; the forward and the input gradient take
+   * the same Winograd plan (it depends on cin + cout and cin cout only) */
+  Winograd plan = winograd_plan (n, cin, cout, h, w);
+  return MAX (columns, winograd_work_size (&plan));
 }
 
 /* Forward passes and input gradients go image by image, each thread taking whole images:
