@@ -715,18 +715,13 @@ check_conv_bf16 (int n, int cin, int cout, int h, int w, int k, int stride, int 
           gd_conv2d_input_gradient_bf16 (dy, n, cin, h, w, packed_t, cout, k, stride, pad, got,
                                          work);
         }
-      double worst = 0.0, largest = 0.0;
-      for (size_t i = 0; i < count; i++)
-        {
-          worst = MAX (worst, fabs (got[i] - exact[i]));
-          largest = MAX (largest, fabs (exact[i]));
-        }
+      GdDeviation dev = gd_stats_deviation (got, exact, count);
       g_test_message ("bf16 %dx%d conv, stride %d, %d -> %d channels at %dx%d, %s%s: largest "
                       "difference %.2e of the largest value", k, k, stride, cin, cout, h, w,
                       pass ? "input gradient" : "forward", with_bias ? "" : " (no bias)",
-                      worst / largest);
-      g_assert_cmpfloat (largest, >, 0.0);
-      g_assert_cmpfloat (worst, <=, 1e-5 * largest);
+                      dev.worst / dev.largest);
+      g_assert_cmpfloat (dev.largest, >, 0.0);
+      g_assert_cmpfloat (dev.worst, <=, 1e-5 * dev.largest);
     }
   gd_bf16_matrix_free (packed);
   gd_bf16_matrix_free (packed_t);
