@@ -2,6 +2,7 @@
 #include "gd-bf16.h"
 
 #include "gd-blas.h"
+#include "gd-gemm.h"
 #include "gd-parallel.h"
 
 #include <cblas.h>
@@ -476,6 +477,19 @@ winograd_output (const Winograd *g, const float *m, size_t ld, int c, int row0, 
     }
 }
 
+/* m [rows][cols] = u v, u [rows][depth] (or its transpose [depth][rows]), on this thread */
+static void
+winograd_product (gboolean transposed, int rows, int cols, int depth, const float *u,
+                  const float *v, float *m)
+{
+  if (gd_gemm_available ())
+    gd_gemm (rows, cols, depth, u, transposed ? 1 : depth, transposed ? rows : 1, v, cols, 0.0f,
+             m, cols);
+  else
+    gd_blas_sgemm (transposed ? CblasTrans : CblasNoTrans, CblasNoTrans, rows, cols, depth, 1.0f,
+                   u, transposed ? rows : depth, v, cols, 0.0f, m, cols);
+}
+
 /* forward: from = x [n, cin, h, w], to = y [n, cout, h, w];
  * input gradient: from = dy [n, cout, h, w], to = dx [n, cin, h, w] (bias NULL) */
 static void
@@ -514,12 +528,11 @@ winograd_conv (gboolean input_gradient, const float *from, int n, int cin, int h
               {
                 int a = xi / 4, b = xi % 4;
                 int swapped = (a == 0 ? 3 : a == 3 ? 0 : a) * 4 + (b == 0 ? 3 : b == 3 ? 0 : b);
-                gd_blas_sgemm (CblasTrans, CblasNoTrans, cin, cols, cout, 1.0f,
-                               u + (size_t) swapped * cout * cin, cin, vx, cols, 0.0f, mx, cols);
+                winograd_product (TRUE, cin, cols, cout, u + (size_t) swapped * cout * cin,
+                                  vx, mx);
               }
             else
-              gd_blas_sgemm (CblasNoTrans, CblasNoTrans, cout, cols, cin, 1.0f,
-                             u + (size_t) xi * cout * cin, cin, vx, cols, 0.0f, mx, cols);
+              winograd_product (FALSE, cout, cols, cin, u + (size_t) xi * cout * cin, vx, mx);
           }
 #pragma omp for schedule (static)
         for (int c = 0; c < g.cy; c++)

@@ -1,5 +1,6 @@
 #include "gd-parallel.h"
 #include "gd-blas.h"
+#include "gd-gemm.h"
 
 #include <glib.h>
 #include <omp.h>
@@ -84,6 +85,15 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
 {
   gd_parallel_init ();
   gd_count_product (m, n, k);
+  if (alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && trans_b == CblasNoTrans
+      && gd_gemm_available ())
+    {
+      if (trans_a == CblasNoTrans)
+        gd_gemm (m, n, k, a, lda, 1, b, ldb, beta, c, ldc);
+      else
+        gd_gemm (m, n, k, a, 1, lda, b, ldb, beta, c, ldc);
+      return;
+    }
   int column_blocks = block_count (n), row_blocks = column_blocks > 1 ? 1 : block_count (m);
   if (omp_in_parallel () || (column_blocks == 1 && row_blocks == 1))
     {

@@ -7,9 +7,11 @@
 
 #include <glib.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 #include "gd-bf16.h"
 #include "gd-blas.h"
+#include "gd-gemm.h"
 
 static gboolean openblas_core_was_ours;
 
@@ -586,35 +588,40 @@ test_blas_core (void)
   g_assert_cmpfloat (c[3], ==, 51.0f);
 }
 
-/* The bf16 product against a double-precision product of the same bf16-rounded operands:
- * only the float accumulation may differ.  Odd shapes cover every padded edge; both
- * layouts of a, both betas.  GD_BF16_KERNEL=avx512 runs the AVX512-BF16 kernel instead of
- * AMX (meson runs this test both ways). */
+/* A product c = beta c + op(a) b as the engine computes it, a transposed when trans */
+typedef void (*ProductFn) (gboolean trans, int m, int n, int k, const float *a, int lda,
+                           const float *b, int ldb, float beta, float *c, int ldc);
+
+/* Shapes with every padded edge of both kernels: the bf16 kernel's blocks of 32 and 256
+ * columns, the float kernel's tiles of 12 rows (and its last tiles of 8, 4 and other
+ * counts of rows), of 32 columns, its blocks of 256 columns and passes of 256 deep */
+static const int product_shapes[][3] = {
+  { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 }, { 64, 256, 64 },
+  { 70, 530, 97 }, { 3, 1000, 200 }, { 45, 90, 700 }, { 12, 32, 256 }, { 13, 33, 257 },
+  { 20, 64, 300 }, { 16, 40, 7 }, { 96, 256, 520 }
+};
+
+/* product on random operands of every shape, both layouts of a, both betas, against a
+ * double-precision product of the operands as `round` leaves them: only the float
+ * accumulation may differ.  Where beta is 0, c starts as NaN, which must not come through;
+ * the part of c's rows past n must stay as it was. */
 static void
-test_gemm_bf16 (void)
+check_products (const char *name, ProductFn product, float (*round) (float))
 {
-  const char *kernel = gd_bf16_kernel ();
-  if (!kernel)
-    {
-      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
-      g_test_skip ("this processor has neither AMX-BF16 nor AVX512-BF16");
-      return;
-    }
-  g_test_message ("bf16 kernel: %s", kernel);
-  static const int shapes[][3] = { { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 },
-                                   { 64, 256, 64 }, { 70, 530, 97 }, { 3, 1000, 200 },
-                                   { 45, 90, 700 } };
-  for (guint s = 0; s < G_N_ELEMENTS (shapes); s++)
+  for (guint s = 0; s < G_N_ELEMENTS (product_shapes); s++)
     for (int trans = 0; trans < 2; trans++)
       for (int accumulate = 0; accumulate < 2; accumulate++)
         {
-          int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+          int m = product_shapes[s][0], n = product_shapes[s][1], k = product_shapes[s][2];
           int lda = (trans ? m : k) + 3, ldb = n + 5, ldc = n + 2;
           float *a = random_buffer ((size_t) (trans ? k : m) * lda, 1.0f);
           float *b = random_buffer ((size_t) k * ldb, 1.0f);
           float *c = random_buffer ((size_t) m * ldc, 1.0f);
+          for (int i = 0; i < m && !accumulate; i++)
+            for (int j = 0; j < n; j++)
+              c[(size_t) i * ldc + j] = NAN;
           float *before = g_memdup2 (c, sizeof (float) * m * ldc);
-          gd_gemm_bf16 (trans, m, n, k, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
+          product (trans, m, n, k, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
           double worst = 0.0;
           for (int i = 0; i < m; i++)
             for (int j = 0; j < ldc; j++)
@@ -629,22 +636,47 @@ test_gemm_bf16 (void)
                 double sum = accumulate ? before[(size_t) i * ldc + j] : 0.0, size = fabs (sum);
                 for (int q = 0; q < k; q++)
                   {
-                    double av = gd_bf16_round (trans ? a[(size_t) q * lda + i] : a[(size_t) i * lda + q]);
-                    double term = av * gd_bf16_round (b[(size_t) q * ldb + j]);
+                    double av = round (trans ? a[(size_t) q * lda + i] : a[(size_t) i * lda + q]);
+                    double term = av * round (b[(size_t) q * ldb + j]);
                     sum += term;
                     size += fabs (term);
                   }
-                worst = MAX (worst, fabs (got - sum) / MAX (size, 1e-30));
+                double error = fabs (got - sum) / MAX (size, 1e-30);
+                worst = isnan (error) ? INFINITY : MAX (worst, error);
               }
           /* float accumulation of k terms: a few units of float rounding of their sizes */
           if (worst > 1e-6 * (1 + k / 16.0))
-            g_error ("bf16 product %dx%dx%d (trans %d, beta %d): error %.3g of the terms' size",
-                     m, n, k, trans, accumulate, worst);
+            g_error ("%s product %dx%dx%d (trans %d, beta %d): error %.3g of the terms' size",
+                     name, m, n, k, trans, accumulate, worst);
           g_free (a);
           g_free (b);
           g_free (c);
           g_free (before);
         }
+}
+
+static void
+product_bf16 (gboolean trans, int m, int n, int k, const float *a, int lda, const float *b,
+              int ldb, float beta, float *c, int ldc)
+{
+  gd_gemm_bf16 (trans, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+/* The bf16 product against a double-precision product of the same bf16-rounded operands.
+ * GD_BF16_KERNEL=avx512 runs the AVX512-BF16 kernel instead of AMX (meson runs this test
+ * both ways). */
+static void
+test_gemm_bf16 (void)
+{
+  const char *kernel = gd_bf16_kernel ();
+  if (!kernel)
+    {
+      g_printerr ("SKIP: this processor has neither AMX-BF16 nor AVX512-BF16\n");
+      g_test_skip ("this processor has neither AMX-BF16 nor AVX512-BF16");
+      return;
+    }
+  g_test_message ("bf16 kernel: %s", kernel);
+  check_products ("bf16", product_bf16, gd_bf16_round);
   /* a band of a packed matrix's columns (as the convolutions' channel bands use it) */
   {
     int m = 40, k = 100, k0 = 64, kb = 30, n = 70;
@@ -678,6 +710,57 @@ test_gemm_bf16 (void)
   g_assert_cmpfloat (gd_bf16_round (1.0f + 3.0f / 256), ==, 1.0f + 4.0f / 256); /* tie, to even */
   g_assert_cmpfloat (gd_bf16_round (1.0f + 1.5f / 256), ==, 1.0f + 2.0f / 256);
   g_assert_true (isnan (gd_bf16_round (NAN)));
+}
+
+static float
+unrounded (float x)
+{
+  return x;
+}
+
+static void
+product_float (gboolean trans, int m, int n, int k, const float *a, int lda, const float *b,
+               int ldb, float beta, float *c, int ldc)
+{
+  gd_gemm (m, n, k, a, trans ? 1 : lda, trans ? lda : 1, b, ldb, beta, c, ldc);
+}
+
+/* The engine's float product against a double-precision product; and the same bits
+ * whether the engine's threads share it out or one thread makes it alone. */
+static void
+test_gemm_float (void)
+{
+  if (!gd_gemm_available ())
+    {
+      const char *why = g_strcmp0 (g_getenv ("GD_SGEMM"), "openblas") == 0
+                          ? "GD_SGEMM=openblas sends the products to OpenBLAS"
+                          : "this processor has no AVX-512: the products go to OpenBLAS";
+      g_printerr ("SKIP: %s\n", why);
+      g_test_skip (why);
+      return;
+    }
+  check_products ("float", product_float, unrounded);
+  for (guint s = 0; s < G_N_ELEMENTS (product_shapes); s++)
+    for (int trans = 0; trans < 2; trans++)
+      {
+        int m = product_shapes[s][0], n = product_shapes[s][1], k = product_shapes[s][2];
+        float *a = random_buffer ((size_t) m * k, 1.0f), *b = random_buffer ((size_t) k * n, 1.0f);
+        float *shared = g_new (float, (size_t) m * n), *alone = g_new (float, (size_t) m * n);
+        product_float (trans, m, n, k, a, trans ? m : k, b, n, 0.0f, shared, n);
+#pragma omp parallel num_threads (2)
+        {
+#pragma omp single
+          {
+            g_assert_true (omp_in_parallel () || omp_get_num_threads () == 1);
+            product_float (trans, m, n, k, a, trans ? m : k, b, n, 0.0f, alone, n);
+          }
+        }
+        g_assert_cmpmem (shared, sizeof (float) * m * n, alone, sizeof (float) * m * n);
+        g_free (a);
+        g_free (b);
+        g_free (shared);
+        g_free (alone);
+      }
 }
 
 /* One bf16 convolution, forward and input gradient, against the float convolution of the
@@ -767,6 +850,7 @@ main (int argc, char **argv)
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/kernels/blas-core", test_blas_core);
   g_test_add_func ("/kernels/exp", test_exp);
+  g_test_add_func ("/kernels/gemm-float", test_gemm_float);
   g_test_add_func ("/kernels/bf16/gemm", test_gemm_bf16);
   g_test_add_func ("/kernels/bf16/conv", test_conv_bf16);
   g_test_add_func ("/kernels/conv3x3", test_conv3x3);
