@@ -83,17 +83,27 @@ gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
           float alpha, const float *a, int lda, const float *b, int ldb,
           float beta, float *c, int ldc)
 {
-  gd_parallel_init ();
-  gd_count_product (m, n, k);
   if (alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && trans_b == CblasNoTrans
       && gd_gemm_available ())
     {
+      gd_parallel_init ();
+      gd_count_product (m, n, k);
       if (trans_a == CblasNoTrans)
         gd_gemm (m, n, k, a, lda, 1, b, ldb, beta, c, ldc);
       else
         gd_gemm (m, n, k, a, 1, lda, b, ldb, beta, c, ldc);
       return;
     }
+  gd_sgemm_openblas (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void
+gd_sgemm_openblas (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+                   float alpha, const float *a, int lda, const float *b, int ldb,
+                   float beta, float *c, int ldc)
+{
+  gd_parallel_init ();
+  gd_count_product (m, n, k);
   int column_blocks = block_count (n), row_blocks = column_blocks > 1 ? 1 : block_count (m);
   if (omp_in_parallel () || (column_blocks == 1 && row_blocks == 1))
     {
