@@ -28,10 +28,14 @@ gd_gemm_available (void)
   static gboolean available;
   if (g_once_init_enter (&once))
     {
+      const char *choice = g_getenv ("GD_SGEMM");
+      gboolean openblas = choice && g_ascii_strcasecmp (choice, "openblas") == 0;
+      if (choice && !openblas && g_ascii_strcasecmp (choice, "engine") != 0)
+        g_warning ("GD_SGEMM=%s is neither \"engine\" nor \"openblas\"; using the engine's kernel "
+                   "where the processor has one", choice);
 #if defined(__x86_64__)
       __builtin_cpu_init ();
-      available = __builtin_cpu_supports ("avx512f")
-                  && g_strcmp0 (g_getenv ("GD_SGEMM"), "openblas") != 0;
+      available = __builtin_cpu_supports ("avx512f") && !openblas;
 #endif
       g_once_init_leave (&once, 1);
     }

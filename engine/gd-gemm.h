@@ -13,7 +13,8 @@
 #include <stddef.h>
 
 /* Whether the products below run here: the processor has AVX-512F and GD_SGEMM is not
- * "openblas" (which sends every product to OpenBLAS, for comparisons). */
+ * "openblas" (which sends every product to OpenBLAS, for comparisons; "engine", the
+ * default, and unset keep this kernel; other values are warned about). */
 gboolean gd_gemm_available (void);
 
 /* c [m][n] (row stride ldc) = beta c + a b, beta 0 or 1.  a's element (i, q) lies at

@@ -732,7 +732,8 @@ test_gemm_float (void)
 {
   if (!gd_gemm_available ())
     {
-      const char *why = g_strcmp0 (g_getenv ("GD_SGEMM"), "openblas") == 0
+      const char *choice = g_getenv ("GD_SGEMM");
+      const char *why = choice && g_ascii_strcasecmp (choice, "openblas") == 0
                           ? "GD_SGEMM=openblas sends the products to OpenBLAS"
                           : "this processor has no AVX-512: the products go to OpenBLAS";
       g_printerr ("SKIP: %s\n", why);
