@@ -594,11 +594,12 @@ typedef void (*ProductFn) (gboolean trans, int m, int n, int k, const float *a, 
 
 /* Shapes with every padded edge of both kernels: the bf16 kernel's blocks of 32 and 256
  * columns, the float kernel's tiles of 12 rows (and its last tiles of 8, 4 and other
- * counts of rows), of 32 columns, its blocks of 256 columns and passes of 256 deep */
+ * counts of rows), of 32 columns, its blocks of 256 columns and passes of 256 deep (and a
+ * transposed a copied once for several blocks and passes) */
 static const int product_shapes[][3] = {
   { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 }, { 64, 256, 64 },
   { 70, 530, 97 }, { 3, 1000, 200 }, { 45, 90, 700 }, { 12, 32, 256 }, { 13, 33, 257 },
-  { 20, 64, 300 }, { 16, 40, 7 }, { 96, 256, 520 }
+  { 20, 64, 300 }, { 16, 40, 7 }, { 96, 256, 520 }, { 40, 300, 600 }
 };
 
 /* product on random operands of every shape, both layouts of a, both betas, against a
