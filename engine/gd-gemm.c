@@ -21,11 +21,12 @@
 #define KC 256    /* depth of one pass */
 #define NB 256    /* columns of a thread's block */
 
-gboolean
-gd_gemm_available (void)
+/* NULL when the kernel runs here, else why not */
+static const char *
+unavailable (void)
 {
   static gsize once;
-  static gboolean available;
+  static const char *why;
   if (g_once_init_enter (&once))
     {
       const char *choice = g_getenv ("GD_SGEMM");
@@ -33,13 +34,29 @@ gd_gemm_available (void)
       if (choice && !openblas && g_ascii_strcasecmp (choice, "engine") != 0)
         g_warning ("GD_SGEMM=%s is neither \"engine\" nor \"openblas\"; using the engine's kernel "
                    "where the processor has one", choice);
+      why = "this processor has no AVX-512";
 #if defined(__x86_64__)
       __builtin_cpu_init ();
-      available = __builtin_cpu_supports ("avx512f") && !openblas;
+      if (__builtin_cpu_supports ("avx512f"))
+        why = NULL;
 #endif
+      if (openblas)
+        why = "GD_SGEMM=openblas";
       g_once_init_leave (&once, 1);
     }
-  return available;
+  return why;
+}
+
+gboolean
+gd_gemm_available (void)
+{
+  return unavailable () == NULL;
+}
+
+const char *
+gd_gemm_unavailable_reason (void)
+{
+  return unavailable ();
 }
 
 #if defined(__x86_64__)

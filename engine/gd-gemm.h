@@ -16,6 +16,8 @@
  * "openblas" (which sends every product to OpenBLAS, for comparisons; "engine", the
  * default, and unset keep this kernel; other values are warned about). */
 gboolean gd_gemm_available (void);
+/* Why not, when not: "GD_SGEMM=openblas" or "this processor has no AVX-512"; else NULL. */
+const char *gd_gemm_unavailable_reason (void);
 
 /* c [m][n] (row stride ldc) = beta c + a b, beta 0 or 1.  a's element (i, q) lies at
  * a[i * a_row + q * a_col]: a row-major matrix has a_row = lda, a_col = 1, its transpose

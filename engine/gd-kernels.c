@@ -1,8 +1,6 @@
 #include "gd-kernels.h"
 #include "gd-bf16.h"
 
-#include "gd-blas.h"
-#include "gd-gemm.h"
 #include "gd-parallel.h"
 
 #include <cblas.h>
@@ -296,8 +294,8 @@ conv_fill_bias (const float *bias, int cout, int spatial, float *y)
  *
  * The filters are transformed at every call (5% of a 64x64 U-Net forward pass; kept, they
  * would take 16/9 of those layers' weights again), and the tiles of all images go through
- * in chunks of whole tile rows whose V and M fit in WINOGRAD_CHUNK_BYTES.  Every value is computed by one thread in an order that does not
- * depend on the thread count. */
+ * in chunks of whole tile rows whose V and M fit in WINOGRAD_CHUNK_BYTES.  Every value is
+ * computed by one thread in an order that does not depend on the thread count. */
 
 /* Where it pays, measured one convolution at a time against im2col on this project's
  * machine: from 128 tiles in the batch (two 16x16 images: 1.11 times as fast; one 16x16
@@ -326,18 +324,12 @@ winograd_plan (int n, int cx, int cy, int h, int w)
   return g;
 }
 
-static gboolean
-winograd_pays (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
+int
+gd_conv2d_winograd (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
 {
   return conv_is_3x3_same (k, stride, pad)
          && (size_t) n * ((h + 1) / 2) * ((w + 1) / 2) >= WINOGRAD_MIN_TILES
          && (gint64) cin * cout >= 4 * ((gint64) cin + cout);
-}
-
-int
-gd_conv2d_winograd (int n, int cin, int cout, int h, int w, int k, int stride, int pad)
-{
-  return winograd_pays (n, cin, cout, h, w, k, stride, pad);
 }
 
 /* floats of work: U, then one chunk's V and M */
@@ -477,19 +469,6 @@ winograd_output (const Winograd *g, const float *m, size_t ld, int c, int row0, 
     }
 }
 
-/* m [rows][cols] = u v, u [rows][depth] (or its transpose [depth][rows]), on this thread */
-static void
-winograd_product (gboolean transposed, int rows, int cols, int depth, const float *u,
-                  const float *v, float *m)
-{
-  if (gd_gemm_available ())
-    gd_gemm (rows, cols, depth, u, transposed ? 1 : depth, transposed ? rows : 1, v, cols, 0.0f,
-             m, cols);
-  else
-    gd_blas_sgemm (transposed ? CblasTrans : CblasNoTrans, CblasNoTrans, rows, cols, depth, 1.0f,
-                   u, transposed ? rows : depth, v, cols, 0.0f, m, cols);
-}
-
 /* forward: from = x [n, cin, h, w], to = y [n, cout, h, w];
  * input gradient: from = dy [n, cout, h, w], to = dx [n, cin, h, w] (bias NULL) */
 static void
@@ -528,11 +507,13 @@ winograd_conv (gboolean input_gradient, const float *from, int n, int cin, int h
               {
                 int a = xi / 4, b = xi % 4;
                 int swapped = (a == 0 ? 3 : a == 3 ? 0 : a) * 4 + (b == 0 ? 3 : b == 3 ? 0 : b);
-                winograd_product (TRUE, cin, cols, cout, u + (size_t) swapped * cout * cin,
-                                  vx, mx);
+                gd_sgemm_uncounted (CblasTrans, CblasNoTrans, cin, cols, cout, 1.0f,
+                                    u + (size_t) swapped * cout * cin, cin, vx, cols, 0.0f, mx,
+                                    cols);
               }
             else
-              winograd_product (FALSE, cout, cols, cin, u + (size_t) xi * cout * cin, vx, mx);
+              gd_sgemm_uncounted (CblasNoTrans, CblasNoTrans, cout, cols, cin, 1.0f,
+                                  u + (size_t) xi * cout * cin, cin, vx, cols, 0.0f, mx, cols);
           }
 #pragma omp for schedule (static)
         for (int c = 0; c < g.cy; c++)
@@ -550,7 +531,7 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
   size_t spatial = (size_t) conv_out_size (h, k, stride, pad) * conv_out_size (w, k, stride, pad);
   size_t depth = (size_t) conv_band (cin, k, spatial) * k * k;
   size_t columns = (size_t) conv_lanes (n) * depth * spatial;
-  if (!winograd_pays (n, cin, cout, h, w, k, stride, pad))
+  if (!gd_conv2d_winograd (n, cin, cout, h, w, k, stride, pad))
     return columns;
   /* the parameter gradients still take columns; the forward and the input gradient take
    * the same Winograd plan (it depends on cin + cout and cin cout only) */
@@ -560,8 +541,9 @@ gd_conv2d_work_size (int cin, int cout, int n, int h, int w, int k, int stride, 
 
 /* Forward passes and input gradients that do not take the Winograd way go image by image,
  * each thread taking whole images: an image's columns are still in the cache when its
- * product reads them, and the product lands in NCHW without a copy.  One image alone is one product that gd_sgemm cuts into
- * blocks for the threads.  The work buffer holds one image's columns per thread. */
+ * product reads them, and the product lands in NCHW without a copy.  One image alone is
+ * one product that gd_sgemm cuts into blocks for the threads.  The work buffer holds one
+ * image's columns per thread. */
 
 /* One convolution's arguments, for its image-by-image and chunk-by-chunk loops. */
 typedef struct {
@@ -629,6 +611,25 @@ conv_items (const ConvJob *job, int count, int lanes, float *work,
   }
 }
 
+/* The input gradient of input channels [c0, c0 + cb) of one image: dcol = W^T dy (W^T
+ * packed in bf16 when the job has it), then summed back onto the pixels it was read from.
+ * dy: [cout, ho, wo]; dx: [cin, h, w]. */
+static void
+conv_band_input_gradient (const ConvJob *j, const float *dy, int c0, int cb, float *dx,
+                          float *col)
+{
+  int kk = j->kk, spatial = j->spatial;
+  float *dcol = j->pointwise ? dx + c0 * j->plane : col;
+  if (j->bf16)
+    gd_gemm_bf16_packed (j->bf16, c0 * kk, cb * kk, 0, j->cout, spatial, dy, spatial, 0.0f,
+                         dcol, spatial);
+  else
+    gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, j->cout, 1.0f,
+              j->weight + (size_t) c0 * kk, j->depth, dy, spatial, 0.0f, dcol, spatial);
+  if (!j->pointwise)
+    col2im (col, spatial, cb, j->h, j->w, j->k, j->stride, j->pad, dx + c0 * j->plane);
+}
+
 /* forward: from = x [n, cin, h, w], to = y [n, cout, ho, wo];
  * input gradient: from = dy [n, cout, ho, wo], to = dx [n, cin, h, w] (bias unused). */
 static void
@@ -658,22 +659,10 @@ conv_image (const ConvJob *j, int i, float *col)
     }
   if (j->input_gradient)
     {
-      /* dcol = W^T dy, then summed back onto the pixels it was read from, a band of
-       * input channels at a time */
-      float *dxi = to + i * image;
+      /* a band of input channels at a time */
       for (int c0 = 0; c0 < cin; c0 += band)
-        {
-          int cb = MIN (band, cin - c0);
-          if (bf16)   /* W^T packed: rows of the band */
-            gd_gemm_bf16_packed (bf16, c0 * kk, cb * kk, 0, cout, spatial, from + i * result,
-                                 spatial, 0.0f, pointwise ? dxi : col, spatial);
-          else
-            gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
-                      weight + (size_t) c0 * kk, depth, from + i * result, spatial, 0.0f,
-                      pointwise ? dxi : col, spatial);
-          if (!pointwise)
-            col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
-        }
+        conv_band_input_gradient (j, from + i * result, c0, MIN (band, cin - c0),
+                                  to + i * image, col);
       return;
     }
   const float *xi = from + i * image;
@@ -714,7 +703,7 @@ gd_conv2d_forward (const float *x, int n, int cin, int h, int w,
                    const float *weight, const float *bias, int cout,
                    int k, int stride, int pad, float *y, float *work)
 {
-  if (winograd_pays (n, cin, cout, h, w, k, stride, pad))
+  if (gd_conv2d_winograd (n, cin, cout, h, w, k, stride, pad))
     winograd_conv (FALSE, x, n, cin, h, w, weight, bias, cout, y, work);
   else
     conv_per_image (FALSE, x, n, cin, h, w, weight, bias, cout, k, stride, pad, y, work, NULL);
@@ -792,14 +781,7 @@ conv_gradient_chunk (const ConvJob *j, int c, float *col)
                         j->partial_w + (size_t) c * weights + (size_t) c0 * kk, depth);
             }
           if (j->dx)
-            {
-              float *dxi = j->dx + i * j->image;
-              gd_sgemm (CblasTrans, CblasNoTrans, cb * kk, spatial, cout, 1.0f,
-                        j->weight + (size_t) c0 * kk, depth, dyi, spatial, 0.0f,
-                        pointwise ? dxi : col, spatial);
-              if (!pointwise)
-                col2im (col, spatial, cb, h, w, k, stride, pad, dxi + c0 * plane);
-            }
+            conv_band_input_gradient (j, dyi, c0, cb, j->dx + i * j->image, col);
         }
     }
 }
@@ -809,7 +791,7 @@ gd_conv2d_backward (const float *x, int n, int cin, int h, int w,
                     const float *weight, int cout, int k, int stride, int pad,
                     const float *dy, float *dx, float *dweight, float *dbias, float *work)
 {
-  if (dx && winograd_pays (n, cin, cout, h, w, k, stride, pad))
+  if (dx && gd_conv2d_winograd (n, cin, cout, h, w, k, stride, pad))
     {
       /* the input gradient the same with and without parameter gradients */
       winograd_conv (TRUE, dy, n, cin, h, w, weight, NULL, cout, dx, work);

@@ -78,32 +78,12 @@ block_size (int size, int blocks)
   return (size_per + 15) / 16 * 16;
 }
 
-void
-gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
-          float alpha, const float *a, int lda, const float *b, int ldb,
-          float beta, float *c, int ldc)
+/* OpenBLAS's product in blocks of rows or columns, on the engine's threads */
+static void
+openblas_pieces (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+                 float alpha, const float *a, int lda, const float *b, int ldb,
+                 float beta, float *c, int ldc)
 {
-  if (alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && trans_b == CblasNoTrans
-      && gd_gemm_available ())
-    {
-      gd_parallel_init ();
-      gd_count_product (m, n, k);
-      if (trans_a == CblasNoTrans)
-        gd_gemm (m, n, k, a, lda, 1, b, ldb, beta, c, ldc);
-      else
-        gd_gemm (m, n, k, a, 1, lda, b, ldb, beta, c, ldc);
-      return;
-    }
-  gd_sgemm_openblas (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-void
-gd_sgemm_openblas (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
-                   float alpha, const float *a, int lda, const float *b, int ldb,
-                   float beta, float *c, int ldc)
-{
-  gd_parallel_init ();
-  gd_count_product (m, n, k);
   int column_blocks = block_count (n), row_blocks = column_blocks > 1 ? 1 : block_count (m);
   if (omp_in_parallel () || (column_blocks == 1 && row_blocks == 1))
     {
@@ -136,4 +116,37 @@ gd_sgemm_openblas (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int 
                        beta, c + (size_t) first * ldc, ldc);
         }
     }
+}
+
+void
+gd_sgemm_uncounted (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+                    float alpha, const float *a, int lda, const float *b, int ldb,
+                    float beta, float *c, int ldc)
+{
+  gd_parallel_init ();
+  if (alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && trans_b == CblasNoTrans
+      && gd_gemm_available ())
+    gd_gemm (m, n, k, a, trans_a == CblasNoTrans ? lda : 1, trans_a == CblasNoTrans ? 1 : lda,
+             b, ldb, beta, c, ldc);
+  else
+    openblas_pieces (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void
+gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+          float alpha, const float *a, int lda, const float *b, int ldb,
+          float beta, float *c, int ldc)
+{
+  gd_count_product (m, n, k);
+  gd_sgemm_uncounted (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void
+gd_sgemm_openblas (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+                   float alpha, const float *a, int lda, const float *b, int ldb,
+                   float beta, float *c, int ldc)
+{
+  gd_parallel_init ();
+  gd_count_product (m, n, k);
+  openblas_pieces (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

@@ -27,10 +27,17 @@ guint64 gd_sgemm_flops (void);
 void gd_count_product (int m, int n, int k);
 
 /* cblas_sgemm (row-major): by the engine's own kernel (gd-gemm.h) where it applies (alpha
- * 1, beta 0 or 1, b not transposed, a processor with AVX-512), else gd_sgemm_openblas. */
+ * 1, beta 0 or 1, b not transposed, a processor with AVX-512), else by OpenBLAS as
+ * gd_sgemm_openblas.  Inside a parallel region it runs on the calling thread alone. */
 void gd_sgemm (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
                float alpha, const float *a, int lda, const float *b, int ldb,
                float beta, float *c, int ldc);
+
+/* gd_sgemm without adding to gd_sgemm_flops (for products that count some other work:
+ * Winograd's count the direct convolution's) */
+void gd_sgemm_uncounted (CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int m, int n, int k,
+                         float alpha, const float *a, int lda, const float *b, int ldb,
+                         float beta, float *c, int ldc);
 
 /* cblas_sgemm (row-major) by OpenBLAS, computed as fixed blocks of rows or columns in
  * parallel. */

@@ -208,9 +208,8 @@ test_conv_direct (void)
  * that take it (two 16x16 images, 8 -> 8 channels), odd sizes (tiles reaching past the
  * image), one-row and one-column images, no bias, and 900 channels over two 33x29 images,
  * whose tiles go through in chunks of 19 tile rows (the first chunk holds the first image's
- * 17 and two of the second's).  Each value
- * within 1e-6 of the sum of its terms' magnitudes: float rounding; a wrong transform
- * misses by far more. */
+ * 17 and two of the second's).  Each value within 1e-6 of the sum of its terms'
+ * magnitudes: float rounding; a wrong transform misses by far more. */
 static void
 test_conv_winograd (void)
 {
@@ -594,8 +593,8 @@ typedef void (*ProductFn) (gboolean trans, int m, int n, int k, const float *a, 
 
 /* Shapes with every padded edge of both kernels: the bf16 kernel's blocks of 32 and 256
  * columns, the float kernel's tiles of 12 rows (and its last tiles of 8, 4 and other
- * counts of rows), of 32 columns, its blocks of 256 columns and passes of 256 deep (and a
- * transposed a copied once for several blocks and passes) */
+ * counts of rows), of 32 columns, its blocks of 256 columns and passes of 256 deep (also a
+ * transposed a over several blocks and passes) */
 static const int product_shapes[][3] = {
   { 1, 1, 1 }, { 32, 32, 32 }, { 33, 65, 31 }, { 7, 300, 70 }, { 64, 256, 64 },
   { 70, 530, 97 }, { 3, 1000, 200 }, { 45, 90, 700 }, { 12, 32, 256 }, { 13, 33, 257 },
@@ -733,12 +732,11 @@ test_gemm_float (void)
 {
   if (!gd_gemm_available ())
     {
-      const char *choice = g_getenv ("GD_SGEMM");
-      const char *why = choice && g_ascii_strcasecmp (choice, "openblas") == 0
-                          ? "GD_SGEMM=openblas sends the products to OpenBLAS"
-                          : "this processor has no AVX-512: the products go to OpenBLAS";
+      char *why = g_strdup_printf ("%s: the products go to OpenBLAS",
+                                   gd_gemm_unavailable_reason ());
       g_printerr ("SKIP: %s\n", why);
       g_test_skip (why);
+      g_free (why);
       return;
     }
   check_products ("float", product_float, unrounded);

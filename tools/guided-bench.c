@@ -283,9 +283,7 @@ bench (int runs, gboolean big, GError **error)
     printf ("the engine's float kernel: 2048^3 %.1f GFLOPS; conv-shaped %.1f GFLOPS\n",
             gemm_gflops (2048, 2048, 2048, TRUE, runs), gemm_gflops (192, 4096, 1728, TRUE, runs));
   else
-    printf ("the engine's float products go to OpenBLAS (%s)\n",
-            g_getenv ("GD_SGEMM") && g_ascii_strcasecmp (g_getenv ("GD_SGEMM"), "openblas") == 0
-              ? "GD_SGEMM=openblas" : "no AVX-512");
+    printf ("the engine's float products go to OpenBLAS (%s)\n", gd_gemm_unavailable_reason ());
   printf ("\nshare of peak: each run's GFLOPS over those of a 2048^3 OpenBLAS sgemm run right after it "
           "(the median of the runs); GFLOP: the matrix products of the direct convolutions, also "
           "where the float path takes Winograd's 2.25 times fewer\n\n");
